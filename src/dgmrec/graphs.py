@@ -7,9 +7,13 @@ its transpose so that ``A @ X`` back-propagates with a second sparse product ins
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 # ------------------------------------------------------------------------------------------- sparse helpers
 
@@ -23,6 +27,7 @@ def to_torch_csr(m: sp.spmatrix, device: torch.device | str = "cpu") -> torch.Te
         torch.from_numpy(m.data),
         size=m.shape,
         device=device,
+        check_invariants=False,
     )
 
 

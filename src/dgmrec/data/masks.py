@@ -42,7 +42,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(stream)
         self._source = source
 
-    def find_class(self, module: str, name: str) -> object:  # noqa: D401 - pickle API
+    def find_class(self, module: str, name: str) -> object:
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise DataError(
@@ -64,7 +64,7 @@ def load_pickled_mask_dict(path: str | Path) -> dict[str, np.ndarray]:
                 if version == (1, 0):
                     shape, _, dtype = np.lib.format.read_array_header_1_0(f)
                 else:
-                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                    _shape, _, dtype = np.lib.format.read_array_header_2_0(f)
                 if dtype != np.dtype(object):
                     raise DataError("expected a pickled dict of item-id arrays, found a plain array", source=src)
             obj = _RestrictedUnpickler(f, src).load()
@@ -237,7 +237,7 @@ def draw_new_items(train_counts: np.ndarray, fraction: float = 0.2, seed: int = 
     rng = np.random.default_rng(seed)
     new = np.zeros(len(train_counts), dtype=bool)
     for group in cold_warm_groups(train_counts, cold_fraction):
-        k = int(round(len(group) * fraction))
+        k = round(len(group) * fraction)
         new[rng.choice(group, size=k, replace=False)] = True
     return new
 
@@ -269,7 +269,7 @@ def generate_missing_mask(
     n = len(train_counts)
     if new_items is None:
         new_items = draw_new_items(train_counts, seed=new_seed)
-    cold, warm = cold_warm_groups(train_counts)
+    cold, _warm = cold_warm_groups(train_counts)
     is_cold = np.zeros(n, dtype=bool)
     is_cold[cold] = True
     rng = np.random.default_rng(seed)
@@ -278,7 +278,7 @@ def generate_missing_mask(
     for new_flag in (True, False):
         for cold_flag in (True, False):
             group = np.flatnonzero((new_items == new_flag) & (is_cold == cold_flag))
-            k = int(round(len(group) * ratio))
+            k = round(len(group) * ratio)
             if k == 0:
                 continue
             drawn = rng.choice(group, size=k, replace=False)

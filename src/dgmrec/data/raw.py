@@ -66,8 +66,8 @@ def chronological_labels(users: np.ndarray, timestamps: np.ndarray,
         cnt = e - s
         if cnt < 3:
             continue
-        n_test = max(1, int(round(ratios[2] * cnt)))
-        n_valid = max(1, int(round(ratios[1] * cnt)))
+        n_test = max(1, round(ratios[2] * cnt))
+        n_valid = max(1, round(ratios[1] * cnt))
         labels[order[e - n_test:e]] = 2
         labels[order[e - n_test - n_valid:e - n_test]] = 1
     return labels

@@ -1,0 +1,1 @@
+"""Experiments built on trained runs: cross-modal retrieval, the demo."""

@@ -1,0 +1,68 @@
+"""Model registry: every recommender registers under its ``name``.
+
+>>> from dgmrec.models import get_model_class, available_models
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from dgmrec.errors import ConfigError
+from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
+
+# name -> module; imported lazily so that one model's import cost is not paid by the others
+_REGISTRY: dict[str, str] = {
+    "DGMRec": "dgmrec.models.dgmrec",
+    "LightGCN": "dgmrec.models.lightgcn",
+    "MFBPR": "dgmrec.models.mfbpr",
+    "VBPR": "dgmrec.models.vbpr",
+    "MMGCN": "dgmrec.models.mmgcn",
+    "GRCN": "dgmrec.models.grcn",
+    "SLMRec": "dgmrec.models.slmrec",
+    "BM3": "dgmrec.models.bm3",
+    "LATTICE": "dgmrec.models.lattice",
+    "MGCN": "dgmrec.models.mgcn",
+    "LGMRec": "dgmrec.models.lgmrec",
+    "DAMRS": "dgmrec.models.damrs",
+    "GUME": "dgmrec.models.gume",
+    "MILK": "dgmrec.models.milk",
+    "SIBRAR": "dgmrec.models.sibrar",
+    "CI2MG": "dgmrec.models.ci2mg",
+}
+
+
+def _module_exists(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def register(name: str, module: str) -> None:
+    _REGISTRY[name] = module
+
+
+def available_models() -> list[str]:
+    """Registered models whose implementation is installed."""
+    return sorted(name for name, module in _REGISTRY.items() if _module_exists(module))
+
+
+def canonical_name(name: str) -> str:
+    names = available_models()
+    key = name.lower().replace("-", "").replace("_", "")
+    lookup = {k.lower().replace("-", "").replace("_", ""): k for k in names}
+    if key not in lookup:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(available_models())}",
+                          source="--model")
+    return lookup[key]
+
+
+def get_model_class(name: str) -> type[Recommender]:
+    name = canonical_name(name)
+    module = importlib.import_module(_REGISTRY[name])
+    for obj in vars(module).values():
+        if isinstance(obj, type) and issubclass(obj, Recommender) and getattr(obj, "name", "") == name:
+            return obj
+    raise ConfigError(f"model module {_REGISTRY[name]} defines no model named {name}")
+
+
+__all__ = ["Batch", "LossOutput", "ModelInput", "Recommender", "available_models", "canonical_name",
+           "get_model_class", "register"]

@@ -1,0 +1,161 @@
+"""The model interface every recommender implements, and the input the trainer hands to it.
+
+Hooks (all optional, with no-op defaults) are called by the trainer in this order per epoch::
+
+    before_epoch(epoch)            # e.g. DGMRec's generation of missing features and graph refresh
+    loss(batch) -> LossOutput      # for every mini-batch
+    after_epoch(epoch)
+    before_evaluation(epoch)       # e.g. new-item generation; then prepare_eval() and score_users(...)
+
+``prepare_eval()`` computes everything that only depends on the parameters once per evaluation pass;
+``score_users(users)`` then returns a ``(len(users), n_items)`` score matrix. State that is not a parameter or
+buffer but must survive a checkpoint (rebuilt graphs, counters) goes through ``get_extra_state`` /
+``set_extra_state`` as plain tensors, so checkpoints load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from dgmrec.data.dataset import RecDataset
+from dgmrec.data.impute import impute_features
+
+
+@dataclass
+class ModelInput:
+    """Everything a model may use: sizes, the training graph, imputed features and the observed mask."""
+
+    n_users: int
+    n_items: int
+    train: sp.csr_matrix
+    modalities: list[str]
+    features: dict[str, torch.Tensor]  # imputed, float32, (n_items, d_m)
+    observed: torch.Tensor  # bool (n_items, M)
+    new_items: torch.Tensor | None = None  # bool (n_items,)
+    setting: str = "missing"
+    dataset_name: str = ""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def from_dataset(cls, ds: RecDataset, imputation: str = "mean",
+                     device: torch.device | str = "cpu") -> ModelInput:
+        device = torch.device(device)
+        ref = ~ds.new_items if ds.new_items is not None else None
+        imputed = impute_features(ds.features, ds.observed, imputation, reference_items=ref)
+        return cls(
+            n_users=ds.n_users,
+            n_items=ds.n_items,
+            train=ds.train_matrix(),
+            modalities=ds.modalities,
+            features={m: torch.from_numpy(x).to(device) for m, x in imputed.items()},
+            observed=torch.from_numpy(ds.observed.copy()).to(device),
+            new_items=None if ds.new_items is None else torch.from_numpy(ds.new_items.copy()).to(device),
+            setting=ds.setting,
+            dataset_name=ds.name,
+            device=device,
+        )
+
+    @property
+    def n_modalities(self) -> int:
+        return len(self.modalities)
+
+    @property
+    def missing_setting(self) -> bool:
+        """True when some modality is unobserved for some item."""
+        return bool((~self.observed).any())
+
+    def observed_np(self) -> np.ndarray:
+        return self.observed.cpu().numpy()
+
+    def new_items_np(self) -> np.ndarray:
+        if self.new_items is None:
+            return np.zeros(self.n_items, dtype=bool)
+        return self.new_items.cpu().numpy()
+
+
+@dataclass
+class Batch:
+    """A training mini-batch: users, their positive items and one sampled negative each."""
+
+    users: torch.Tensor
+    pos: torch.Tensor
+    neg: torch.Tensor
+
+
+@dataclass
+class LossOutput:
+    """Total loss plus named components (floats, for the log)."""
+
+    total: torch.Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+class Recommender(nn.Module):
+    """Base class: subclasses set ``name`` and implement ``loss``, ``prepare_eval`` and ``score_users``.
+
+    Class attributes
+    ----------------
+    name: registry name (``--model``).
+    uses_features: whether the model reads modality features.
+    """
+
+    name: ClassVar[str] = ""
+    uses_features: ClassVar[bool] = True
+
+    def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.n_users = data.n_users
+        self.n_items = data.n_items
+        self.modalities = list(data.modalities)
+        self.config = dict(config)
+        self.device = data.device
+
+    # ---------------------------------------------------------------- required
+    def loss(self, batch: Batch) -> LossOutput:
+        raise NotImplementedError
+
+    def prepare_eval(self) -> None:
+        """Compute and cache the final user/item representations for a whole evaluation pass."""
+        raise NotImplementedError
+
+    def score_users(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for ``users`` (call :meth:`prepare_eval` first)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------- hooks
+    def before_epoch(self, epoch: int) -> dict[str, float] | None:
+        """Called before each training epoch; may return numbers for the log."""
+        return None
+
+    def after_epoch(self, epoch: int) -> dict[str, float] | None:
+        return None
+
+    def before_evaluation(self, epoch: int) -> None:
+        """Called before each evaluation pass (before :meth:`prepare_eval`)."""
+
+    def extra_optimizer_groups(self) -> list[dict[str, Any]]:
+        """Extra parameter groups for the main optimiser (default none)."""
+        return []
+
+    # ------------------------------------------------------------ generation
+    def completed_features(self) -> dict[str, torch.Tensor] | None:
+        """Feature tables with generated rows for missing items (models that generate), else None."""
+        return None
+
+    def generate_for_retrieval(self) -> dict[str, torch.Tensor] | None:
+        """Generated raw features for *every* item and modality (for cross-modal retrieval), else None."""
+        return None
+
+    # ------------------------------------------------------------ extra state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def set_extra_state(self, state: Any) -> None:
+        return None

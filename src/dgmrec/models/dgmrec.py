@@ -1,0 +1,463 @@
+r"""DGMRec: Disentangling and Generating Modalities for Recommendation (Kim et al., SIGIR 2025).
+
+One code path for any number ``M >= 2`` of modalities. Per modality ``m`` the raw features ``X_m`` are encoded
+into a *general* part :math:`G_m = \sigma(f_g(\tanh(h_m X_m)))` (``f_g`` shared by all modalities) and a
+*specific* part :math:`S_m = \sigma(f_{s,m} X_m)`; both are gated by a user-preference item filter
+:math:`\Phi_m` and propagated on the modality's item kNN graph. Items are represented by their LightGCN
+embedding plus the mean of the averaged general feature and the ``M`` specific features; users likewise
+from their items. Missing modalities are *generated*: a translator maps the other modalities' general
+features (source order ``m+1, ..., m+M-1`` mod ``M``) to the target's general feature, a generator maps the
+item's preference filter to its specific feature, and the decoder turns both into raw features that are
+written back into the feature table; the kNN graphs of items with a missing modality are then refreshed.
+
+Losses: BPR + norms + reconstruction + CLUB (disentangling) + inter-modal InfoNCE + user-item alignment +
+behaviour-modality alignment + generation. The defaults reproduce the reference release; each documented
+deviation is an option (see ``configs/models/DGMRec.yaml``):
+
+``trainable_raw_features``, ``preference_mode``, ``infer_graph``, ``write_policy``, ``refresh_rows``,
+``missing_source_policy``, ``club_modalities``, ``inter_user_pairs``, ``intra_specific``,
+``recon_observed_only``, ``generation_warmup``, ``zero_new_item_cf``, ``new_item_generation``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgmrec.errors import ConfigError
+from dgmrec.graphs import (
+    SparseOp,
+    blend_rows,
+    knn_graph,
+    lightgcn_propagate,
+    mean_aggregator,
+    normalized_adjacency,
+)
+from dgmrec.losses import CLUBSample, bpr_loss, info_nce, perturb
+from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
+
+_CHOICES = {
+    "preference_mode": ("code_tanh_idproj", "paper_sigmoid_table"),
+    "infer_graph": ("initial", "refreshed"),
+    "write_policy": ("only_missing_m", "any_missing_with_one_observed", "all_missing"),
+    "refresh_rows": ("auto", "all_missing_m", "only_missing_m"),
+    "missing_source_policy": ("table", "observed_mean"),
+    "club_modalities": ("first_two", "all"),
+    "inter_user_pairs": ("first_pair", "cyclic"),
+    "intra_specific": ("reference", "specific"),
+    "new_item_generation": ("auto", "new"),
+}
+
+
+def _xavier_linear(d_in: int, d_out: int, bias: bool = True) -> nn.Linear:
+    layer = nn.Linear(d_in, d_out, bias=bias)
+    nn.init.xavier_uniform_(layer.weight)
+    return layer
+
+
+def _mlp(d_in: int, d: int) -> nn.Sequential:
+    return nn.Sequential(_xavier_linear(d_in, d), nn.Tanh(), _xavier_linear(d, d))
+
+
+class DGMRec(Recommender):
+    """DGMRec for ``M >= 2`` modalities (see the module docstring and ``configs/models/DGMRec.yaml``)."""
+
+    name = "DGMRec"
+
+    def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
+        super().__init__(data, config)
+        for key, allowed in _CHOICES.items():
+            if str(config[key]) not in allowed:
+                raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}",
+                                  source=key)
+        if data.n_modalities < 2:
+            raise ConfigError("DGMRec needs at least two modalities", source="--modalities")
+        c = config
+        d = int(c["embedding_size"])
+        self.d = d
+        M = data.n_modalities
+        self.M = M
+        self.n_ui_layers = int(c["n_ui_layers"])
+        self.n_mm_layers = int(c["n_mm_layers"])
+        self.knn_k = int(c["knn_k"])
+        self.w = {k: float(c[k]) for k in ("recon", "reg", "sampler", "interModal", "intraModal", "alignBM",
+                                           "additive", "cf_reg")}
+        self.tau_inter = float(c["interModalTemp"])
+        self.tau_intra = float(c["intraModalTemp"])
+        self.tau_bm = float(c["alignBMTemp"])
+        self.avg_lambda = float(c["avg_lambda"])
+        self.refresh_interval = int(c["refresh_interval"])
+        self.perturb_scale = float(c["perturb_scale"])
+        self.opts = {k: str(c[k]) for k in _CHOICES}
+        self.trainable_raw = bool(c["trainable_raw_features"])
+        self.recon_observed_only = bool(c["recon_observed_only"])
+        self.generation_warmup = int(c["generation_warmup"])
+        self.zero_new_item_cf = bool(c["zero_new_item_cf"])
+        self.infer_adj_update = bool(int(c["infer_adj_update"]))
+
+        # ------------------------------------------------------------- masks and item sets
+        obs = data.observed_np()
+        self.observed_np = obs
+        self.register_buffer("observed", torch.from_numpy(obs.copy()), persistent=False)
+        self.register_buffer("complete", torch.from_numpy(obs.all(axis=1)), persistent=False)
+        self.missing_setting = bool((~obs).any())
+        self.new_items_np = data.new_items_np()
+        self.new_item_setting = data.setting == "new-items" and bool(self.new_items_np.any())
+        old = ~self.new_items_np
+        n_observed = obs.sum(axis=1)
+        only_missing = (~obs) & (n_observed == M - 1)[:, None]
+        if self.opts["write_policy"] == "only_missing_m":
+            write = only_missing
+        elif self.opts["write_policy"] == "any_missing_with_one_observed":
+            write = (~obs) & (n_observed >= 1)[:, None]
+        else:
+            write = ~obs
+        refresh_mode = self.opts["refresh_rows"]
+        if refresh_mode == "auto":
+            refresh_mode = "all_missing_m" if M == 2 else "only_missing_m"
+        refresh = ~obs if refresh_mode == "all_missing_m" else only_missing
+        # training-time generation and refresh touch old items only
+        self.write_rows = [np.flatnonzero(write[:, j] & old) for j in range(M)]
+        self.refresh_rows_ = [np.flatnonzero(refresh[:, j] & old) for j in range(M)]
+        infer_items = self.new_items_np
+        if self.opts["new_item_generation"] == "auto" and M >= 3:
+            infer_items = old  # reference behaviour for three modalities
+        self.infer_write_rows = [np.flatnonzero(write[:, j] & infer_items) for j in range(M)]
+        self.infer_refresh_rows = [np.flatnonzero(~obs[:, j] & infer_items) for j in range(M)]
+
+        # ------------------------------------------------------------- graphs
+        train = data.train
+        self.ui_adj = SparseOp(normalized_adjacency(train, eps=1e-7), data.device)
+        self.user_agg = SparseOp(mean_aggregator(train), data.device)
+        self.item_agg = SparseOp(mean_aggregator(sp.csr_matrix(train.T)), data.device)
+
+        # ------------------------------------------------------------- parameters
+        self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, d)))
+        self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
+        self.features = nn.ParameterList()
+        for m in self.modalities:
+            x = data.features[m].detach().clone().float()
+            self.features.append(nn.Parameter(x, requires_grad=self.trainable_raw))
+        dims = [int(data.features[m].shape[1]) for m in self.modalities]
+        self.general_in = nn.ModuleList(_xavier_linear(dm, d) for dm in dims)  # h_m
+        self.specific_enc = nn.ModuleList(_xavier_linear(dm, d) for dm in dims)  # f_{s,m}
+        self.general_shared = _xavier_linear(d, d)  # f_g
+        if self.opts["preference_mode"] == "code_tanh_idproj":
+            self.preference = nn.ModuleList(_xavier_linear(d, d, bias=False) for _ in dims)
+        else:
+            self.preference_tables = nn.ParameterList(
+                nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, d))) for _ in dims)
+        self.specific_generator = nn.ModuleList(_mlp(d, d) for _ in dims)  # Gamma^s_m
+        self.translator = nn.ModuleList(_mlp((M - 1) * d, d) for _ in dims)  # Gamma^g_m
+        self.decoder = nn.ModuleList(_xavier_linear(2 * d, dm) for dm in dims)  # D_m
+        self.sources = [[(m + s) % M for s in range(1, M)] for m in range(M)]
+
+        # CLUB estimators live outside the main optimiser (their own Adam)
+        club_mods = list(range(M)) if self.opts["club_modalities"] == "all" else [0, 1]
+        self.club_mods = club_mods if self.w["sampler"] > 0 else []
+        self.club = nn.ModuleList(CLUBSample(d, d, int(c["club_hidden"]) // 2) for _ in self.club_mods)
+        for p in self.club.parameters():
+            p._exclude_main_opt = True  # type: ignore[attr-defined]
+        self.club_optimizer = (torch.optim.Adam(self.club.parameters(), lr=float(c["club_lr"]))
+                               if self.club_mods else None)
+        self.club_steps = int(c["club_steps"])
+        self.club_sample = int(c["club_sample"])
+
+        # kNN graphs from the initial (imputed) features
+        self.counter = 0
+        self.train_graphs: list[SparseOp] = []
+        self.infer_graphs: list[SparseOp] = []
+        self._build_initial_graphs()
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------------ graphs
+    def _build_initial_graphs(self) -> None:
+        self.train_graphs, self.infer_graphs = [], []
+        for j, x in enumerate(self.features):
+            missing = ~self.observed_np[:, j]
+            infer = knn_graph(x.detach(), self.knn_k, isolate=missing, isolate_before_topk=False)
+            if self.new_item_setting:
+                train = knn_graph(x.detach(), self.knn_k, isolate=self.new_items_np, isolate_before_topk=True)
+            else:
+                train = infer
+            self.train_graphs.append(SparseOp(train, self.device))
+            self.infer_graphs.append(SparseOp(infer, self.device))
+
+    def _scoring_graphs(self) -> list[SparseOp]:
+        if self.new_item_setting or self.opts["infer_graph"] == "initial":
+            return self.infer_graphs
+        return self.train_graphs
+
+    def _propagate_mm(self, graph: SparseOp, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.n_mm_layers):
+            x = graph @ x
+        return x
+
+    # ------------------------------------------------------------------------------------- encoders
+    def encode(self, j: int, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw general and specific features of modality ``j`` (one fused matmul over the feature table)."""
+        x = self.features[j] if x is None else x
+        h, fs = self.general_in[j], self.specific_enc[j]
+        both = F.linear(x, torch.cat([h.weight, fs.weight]), torch.cat([h.bias, fs.bias]))
+        general = torch.sigmoid(self.general_shared(torch.tanh(both[:, : self.d])))
+        specific = torch.sigmoid(both[:, self.d:])
+        return general, specific
+
+    def item_filter(self, j: int) -> torch.Tensor:
+        """Item preference filter Phi_m (zero for items without training users)."""
+        if self.opts["preference_mode"] == "code_tanh_idproj":
+            q = torch.tanh(self.preference[j](self.user_embedding))
+            return self.item_agg @ q
+        return torch.sigmoid(self.item_agg @ self.preference_tables[j])
+
+    # -------------------------------------------------------------------------------------- forward
+    def forward_all(self, graphs: list[SparseOp], users: torch.Tensor | None = None) -> dict[str, Any]:
+        """Representations of all items and of ``users`` (all users when None); user rows follow ``users``."""
+        ego = torch.cat([self.user_embedding, self.item_embedding], dim=0)
+        cf = lightgcn_propagate(self.ui_adj, ego, self.n_ui_layers)
+        u_cf, i_cf = cf[: self.n_users], cf[self.n_users:]
+        raw_g, raw_s, filt, prop_g, prop_s = [], [], [], [], []
+        for j in range(self.M):
+            g, s = self.encode(j)
+            phi = self.item_filter(j)
+            both = self._propagate_mm(graphs[j], torch.cat([phi * g, phi * s], dim=1))
+            raw_g.append(g)
+            raw_s.append(s)
+            filt.append(phi)
+            prop_g.append(both[:, : self.d])
+            prop_s.append(both[:, self.d:])
+        stacked = torch.cat(prop_g + prop_s, dim=1)
+        if users is None:
+            user_mm = self.user_agg @ stacked
+        else:  # only the batch's users: a row slice of the aggregator
+            u_cf = u_cf[users]
+            user_mm = SparseOp(self.user_agg.scipy[users.cpu().numpy()], self.device) @ stacked
+        user_g = list(user_mm[:, : self.M * self.d].split(self.d, dim=1))
+        user_s = list(user_mm[:, self.M * self.d:].split(self.d, dim=1))
+        item_rep = i_cf + (torch.stack(prop_g).mean(0) + torch.stack(prop_s).sum(0)) / (self.M + 1)
+        user_rep = u_cf + (torch.stack(user_g).mean(0) + torch.stack(user_s).sum(0)) / (self.M + 1)
+        return {"u_cf": u_cf, "i_cf": i_cf, "raw_g": raw_g, "raw_s": raw_s, "filter": filt, "g": prop_g,
+                "s": prop_s, "user_g": user_g, "user_s": user_s, "user": user_rep, "item": item_rep}
+
+    # ----------------------------------------------------------------------------------------- loss
+    def loss(self, batch: Batch) -> LossOutput:
+        f = self.forward_all(self.train_graphs, users=batch.users)
+        p, n = batch.pos, batch.neg
+        B, M, d = len(p), self.M, self.d
+        # gather every batch row once (one index backward per table instead of one per tensor)
+        item_tab = torch.cat([f["item"], f["i_cf"], *f["g"], *f["s"]], dim=1)
+        user_tab = torch.cat([f["user"], f["u_cf"], *f["user_g"], *f["user_s"]], dim=1)
+        ip = F.embedding(p, item_tab).split(d, dim=1)
+        i_n = F.embedding(n, item_tab[:, : 2 * d]).split(d, dim=1)
+        uu = user_tab.split(d, dim=1)  # rows are already the batch's users
+        p_item, p_cf, p_g, p_s = ip[0], ip[1], ip[2:2 + M], ip[2 + M:]
+        n_item, n_cf = i_n
+        u_user, u_cf, u_g, u_s = uu[0], uu[1], uu[2:2 + M], uu[2 + M:]
+
+        bpr = bpr_loss((u_user * p_item).sum(1), (u_user * n_item).sum(1))
+        reg = self.w["cf_reg"] * (u_cf.norm() + p_cf.norm() + n_cf.norm()) / B
+        reg = reg + self.w["reg"] * sum((p_g[j] + p_s[j]).norm() for j in range(M)) / B
+        parts = {"bpr": bpr, "reg": reg}
+        zero = torch.zeros((), device=bpr.device)
+
+        if self.w["recon"]:
+            recon = zero
+            for j in range(M):
+                dec_in = perturb(torch.cat([f["g"][j], f["s"][j]], dim=1).detach(), self.perturb_scale)
+                err = (self.decoder[j](dec_in) - self.features[j]) ** 2
+                if self.recon_observed_only:
+                    err = err[self.observed[:, j]]
+                recon = recon + err.mean()
+            parts["recon"] = self.w["recon"] * recon
+
+        if self.club_mods:
+            club = sum(est(f["s"][j], f["g"][j]) for est, j in zip(self.club, self.club_mods, strict=True))
+            parts["club"] = self.w["sampler"] * club
+
+        items = torch.unique(torch.cat([p, n]))
+        items_all = items[self.complete[items]] if self.missing_setting else items
+        if self.w["interModal"]:
+            pairs = [(0, 1)] if M == 2 else [(j, (j + 1) % M) for j in range(M)]
+            inter = zero
+            if len(items_all) > 1:
+                raw_g = F.embedding(items_all, torch.cat(f["raw_g"], dim=1)).split(d, dim=1)
+                for a, b in pairs:
+                    inter = inter + info_nce(raw_g[a], raw_g[b], self.tau_inter)
+            user_pairs = [(0, 1)] if self.opts["inter_user_pairs"] == "first_pair" else pairs
+            for a, b in user_pairs:
+                inter = inter + info_nce(u_g[a], u_g[b], self.tau_inter)
+            parts["inter"] = self.w["interModal"] * inter
+
+        sum_user_g = torch.stack(u_g).sum(0)
+        sum_item_g = torch.stack(p_g).sum(0)
+        if self.w["intraModal"]:
+            intra = info_nce(u_cf, p_cf, self.tau_intra) + info_nce(sum_user_g, sum_item_g, self.tau_inter)
+            for j in range(M):
+                use_general = self.opts["intra_specific"] == "reference" and M >= 3 and j == 2
+                a, b = (u_g[j], p_g[j]) if use_general else (u_s[j], p_s[j])
+                intra = intra + info_nce(a, b, self.tau_intra)
+            parts["intra"] = self.w["intraModal"] * intra
+
+        if self.w["alignBM"]:
+            bm = info_nce(p_cf, sum_item_g, self.tau_bm) + info_nce(u_cf, sum_user_g, self.tau_bm)
+            parts["bm"] = self.w["alignBM"] * bm
+
+        if self.missing_setting and self.w["additive"]:
+            gen = zero
+            tab = F.embedding(items, torch.cat([*f["raw_s"], *f["filter"], *f["g"]], dim=1)).split(d, dim=1)
+            raw_s, filt, gen_g = tab[:M], tab[M:2 * M], tab[2 * M:]
+            complete = self.complete[items]
+            for j in range(M):
+                obs = self.observed[items, j]
+                if obs.any():
+                    fake_s = self.specific_generator[j](perturb(filt[j][obs], self.perturb_scale))
+                    gen = gen + F.mse_loss(fake_s, raw_s[j][obs])
+                if complete.any():
+                    src = torch.cat([gen_g[k][complete] for k in self.sources[j]], dim=1)
+                    fake_g = self.translator[j](perturb(src, self.perturb_scale))
+                    gen = gen + F.mse_loss(fake_g, gen_g[j][complete])
+            parts["gen"] = self.w["additive"] * gen
+
+        total = sum(parts.values())
+        return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})
+
+    # -------------------------------------------------------------------------------- epoch hooks
+    def before_epoch(self, epoch: int) -> dict[str, float] | None:
+        info: dict[str, float] = {}
+        if self.club_mods:
+            info["club_nll"] = self._train_club()
+        self.counter += 1
+        if self.missing_setting and epoch >= self.generation_warmup:
+            generated = self._generate(self.train_graphs, noise=True)
+            self._write(generated, self.write_rows)
+            if self.avg_lambda > 0 and self.counter % self.refresh_interval == 0:
+                self.train_graphs = self._refresh(self.train_graphs, self.refresh_rows_)
+                info["graph_nnz"] = float(sum(g.nnz for g in self.train_graphs))
+        return info or None
+
+    def before_evaluation(self, epoch: int) -> None:
+        if not (self.new_item_setting and self.missing_setting):
+            return
+        generated = self._generate(self.infer_graphs, noise=True)
+        self._write(generated, self.infer_write_rows)
+        if self.infer_adj_update and self.avg_lambda > 0 and self.counter % self.refresh_interval == 0:
+            self.infer_graphs = self._refresh(self.infer_graphs, self.infer_refresh_rows)
+
+    def _train_club(self) -> float:
+        assert self.club_optimizer is not None
+        with torch.no_grad():
+            raw = [self.encode(j) for j in self.club_mods]
+        total = 0.0
+        for _ in range(self.club_steps):
+            idx = torch.randperm(self.n_items, device=self.device)[: self.club_sample]
+            loss = sum(est.learning_loss(s[idx], g[idx]) for est, (g, s) in zip(self.club, raw, strict=True))
+            self.club_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.club_optimizer.step()
+            total += float(loss.detach())
+        return total / max(1, self.club_steps)
+
+    @torch.no_grad()
+    def _generate(self, graphs: list[SparseOp], noise: bool = True) -> list[torch.Tensor]:
+        """Decoded raw features of every item for every modality, from the current state."""
+        raw = [self.encode(j) for j in range(self.M)]
+        general = [g for g, _ in raw]
+        if self.opts["missing_source_policy"] == "observed_mean":
+            general = [torch.where(self.observed[:, j:j + 1], g, g[self.observed[:, j]].mean(0, keepdim=True))
+                       for j, g in enumerate(general)]
+        out = []
+        for j in range(self.M):
+            src = torch.cat([general[k] for k in self.sources[j]], dim=1)
+            gen_g = self._propagate_mm(graphs[j], self.translator[j](src))
+            gen_s = self._propagate_mm(graphs[j], self.specific_generator[j](self.item_filter(j)))
+            dec_in = torch.cat([gen_g, gen_s], dim=1)
+            if noise:
+                dec_in = perturb(dec_in, self.perturb_scale)
+            out.append(self.decoder[j](dec_in))
+        return out
+
+    @torch.no_grad()
+    def _write(self, generated: list[torch.Tensor], rows: list[np.ndarray]) -> None:
+        for j, r in enumerate(rows):
+            if len(r):
+                idx = torch.as_tensor(r, device=self.device)
+                self.features[j].data[idx] = generated[j][idx]
+
+    def _refresh(self, graphs: list[SparseOp], rows: list[np.ndarray]) -> list[SparseOp]:
+        out = []
+        for j, g in enumerate(graphs):
+            if len(rows[j]) == 0:
+                out.append(g)
+                continue
+            fresh = knn_graph(self.features[j].detach(), self.knn_k)
+            out.append(SparseOp(blend_rows(g.scipy, fresh, rows[j], self.avg_lambda), self.device))
+        return out
+
+    # ------------------------------------------------------------------------------------ scoring
+    def prepare_eval(self) -> None:
+        with torch.no_grad():
+            f = self.forward_all(self._scoring_graphs())
+            item = f["item"]
+            if self.zero_new_item_cf and self.new_item_setting:
+                new = torch.as_tensor(self.new_items_np, device=item.device)
+                item = torch.where(new[:, None], item - f["i_cf"], item)
+            self._cache = (f["user"], item)
+
+    def score_users(self, users: torch.Tensor) -> torch.Tensor:
+        assert self._cache is not None, "call prepare_eval() first"
+        u, i = self._cache
+        return u[users] @ i.T
+
+    def train(self, mode: bool = True) -> DGMRec:
+        self._cache = None
+        return super().train(mode)
+
+    # --------------------------------------------------------------------------------- generation API
+    def generate_for_retrieval(self) -> dict[str, torch.Tensor]:
+        """Deterministic generated raw features of every item (no noise, scoring graphs)."""
+        gen = self._generate(self._scoring_graphs(), noise=False)
+        return {m: g for m, g in zip(self.modalities, gen, strict=True)}
+
+    def completed_features(self) -> dict[str, torch.Tensor]:
+        """Current feature tables with every missing row replaced by a freshly generated one."""
+        gen = self.generate_for_retrieval()
+        out = {}
+        for j, m in enumerate(self.modalities):
+            x = self.features[j].detach().clone()
+            miss = ~self.observed[:, j]
+            x[miss] = gen[m][miss]
+            out[m] = x
+        return out
+
+    # ------------------------------------------------------------------------------- checkpointing
+    def get_extra_state(self) -> dict[str, Any]:
+        def pack(graphs: list[SparseOp]) -> list[dict[str, torch.Tensor]]:
+            return [{"indptr": torch.from_numpy(g.scipy.indptr.astype(np.int64)),
+                     "indices": torch.from_numpy(g.scipy.indices.astype(np.int64)),
+                     "data": torch.from_numpy(g.scipy.data.astype(np.float32))} for g in graphs]
+
+        state: dict[str, Any] = {"counter": self.counter, "train_graphs": pack(self.train_graphs),
+                                 "infer_graphs": pack(self.infer_graphs)}
+        if self.club_optimizer is not None:
+            state["club_optimizer"] = self.club_optimizer.state_dict()
+        return state
+
+    def set_extra_state(self, state: Any) -> None:
+        if not state:
+            return
+
+        def unpack(items: list[dict[str, torch.Tensor]]) -> list[SparseOp]:
+            return [SparseOp(sp.csr_matrix((g["data"].numpy(), g["indices"].numpy(), g["indptr"].numpy()),
+                                           shape=(self.n_items, self.n_items)), self.device) for g in items]
+
+        self.counter = int(state["counter"])
+        self.train_graphs = unpack(state["train_graphs"])
+        self.infer_graphs = unpack(state["infer_graphs"])
+        if self.club_optimizer is not None and "club_optimizer" in state:
+            self.club_optimizer.load_state_dict(state["club_optimizer"])

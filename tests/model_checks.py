@@ -1,0 +1,109 @@
+"""Contract checks every model must pass (used by the per-model test files).
+
+* ``check_shapes``: scores have shape (users, items) and are finite;
+* ``check_loss_decreases``: the mean loss of the last steps is below that of the first steps;
+* ``check_gradients``: every trainable parameter that should learn receives a non-zero gradient;
+* ``check_beats_popularity``: after short training, validation Recall@20 beats the popularity ranking;
+* ``check_deterministic``: the same seed gives identical metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from dgmrec.config import resolve_config
+from dgmrec.data.dataset import RecDataset
+from dgmrec.evaluation.protocol import Evaluator
+from dgmrec.models.base import Recommender
+from dgmrec.training.sampler import NegativeSampler
+from dgmrec.training.trainer import Trainer, build_model, seed_everything
+
+
+def config_for(model: str, ds: RecDataset, **overrides: Any) -> dict[str, Any]:
+    cfg, _ = resolve_config(model, ds.name, overrides={"train_batch_size": 256, "eval_batch_size": 512,
+                                                       **overrides})
+    return cfg
+
+
+def make_model(model: str, ds: RecDataset, seed: int = 0, **overrides: Any) -> Recommender:
+    seed_everything(seed)
+    return build_model(model, ds, config_for(model, ds, **overrides))
+
+
+def check_shapes(model: Recommender, ds: RecDataset) -> None:
+    model.eval()
+    with torch.no_grad():
+        model.prepare_eval()
+        users = torch.arange(min(7, ds.n_users))
+        scores = model.score_users(users)
+    assert scores.shape == (len(users), ds.n_items)
+    assert torch.isfinite(scores).all()
+
+
+def _steps(model: Recommender, ds: RecDataset, n_epochs: int, lr: float = 0.01, batch_size: int = 256,
+           seed: int = 0) -> list[float]:
+    sampler = NegativeSampler(ds.train, ds.n_items, ds.new_items, seed=seed)
+    params = [p for p in model.parameters() if p.requires_grad and not getattr(p, "_exclude_main_opt", False)]
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for epoch in range(n_epochs):
+        model.train()
+        model.before_epoch(epoch)
+        for batch in sampler.epoch(batch_size, bool(model.config.get("use_neg_sampling", True))):
+            opt.zero_grad()
+            out = model.loss(batch)
+            out.total.backward()
+            opt.step()
+            losses.append(float(out.total.detach()))
+        model.after_epoch(epoch)
+    return losses
+
+
+def check_loss_decreases(model: Recommender, ds: RecDataset, n_epochs: int = 8, lr: float = 0.01) -> None:
+    losses = _steps(model, ds, n_epochs, lr)
+    k = max(1, len(losses) // 5)
+    assert np.mean(losses[-k:]) < np.mean(losses[:k]), (losses[:k], losses[-k:])
+
+
+def check_gradients(model: Recommender, ds: RecDataset, skip: Iterable[str] = ()) -> None:
+    """One batch; every trainable parameter (except names containing an entry of ``skip``) gets gradient."""
+    sampler = NegativeSampler(ds.train, ds.n_items, ds.new_items, seed=0)
+    model.train()
+    model.before_epoch(0)
+    batch = next(iter(sampler.epoch(len(ds.train), bool(model.config.get("use_neg_sampling", True)))))
+    model.zero_grad()
+    model.loss(batch).total.backward()
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and not getattr(p, "_exclude_main_opt", False)
+               and not any(s in n for s in skip)
+               and (p.grad is None or not torch.any(p.grad != 0))]
+    assert not missing, f"no gradient reaches: {missing}"
+
+
+def popularity_recall(ds: RecDataset, split: str = "valid", metric: str = "recall@20") -> float:
+    counts = torch.as_tensor(np.bincount(ds.train[:, 1], minlength=ds.n_items), dtype=torch.float32)
+    ev = Evaluator.from_pairs(ds.train_matrix(), {split: ds.split_pairs(split)})
+    mean, _ = ev.evaluate(lambda users: counts.expand(len(users), -1), split)
+    return mean[metric]
+
+
+def trained_metrics(model_name: str, ds: RecDataset, tmp_path, epochs: int = 20, seed: int = 0,
+                    **overrides: Any) -> dict[str, Any]:
+    cfg = config_for(model_name, ds, epochs=epochs, eval_step=epochs, seed=seed, **overrides)
+    return Trainer(model_name, ds, cfg, tmp_path, progress=False).fit().results
+
+
+def check_beats_popularity(model_name: str, ds: RecDataset, tmp_path, epochs: int = 20, **overrides: Any) -> None:
+    res = trained_metrics(model_name, ds, tmp_path / "pop", epochs=epochs, **overrides)
+    pop = popularity_recall(ds, "test")
+    assert res["test"]["recall@20"] > pop, (res["test"]["recall@20"], pop)
+
+
+def check_deterministic(model_name: str, ds: RecDataset, tmp_path, epochs: int = 3, **overrides: Any) -> None:
+    a = trained_metrics(model_name, ds, tmp_path / "a", epochs=epochs, **overrides)
+    b = trained_metrics(model_name, ds, tmp_path / "b", epochs=epochs, **overrides)
+    assert a["test"] == b["test"] and a["valid"] == b["valid"]
