@@ -62,7 +62,7 @@ def load_pickled_mask_dict(path: str | Path) -> dict[str, np.ndarray]:
             if head == b"\x93NUMPY":
                 version = np.lib.format.read_magic(f)
                 if version == (1, 0):
-                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                    _shape, _, dtype = np.lib.format.read_array_header_1_0(f)
                 else:
                     _shape, _, dtype = np.lib.format.read_array_header_2_0(f)
                 if dtype != np.dtype(object):
