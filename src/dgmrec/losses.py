@@ -96,3 +96,33 @@ class CLUBSample(nn.Module):
         positive = -((mu - y) ** 2) / logvar.exp()
         negative = -((mu - y[perm]) ** 2) / logvar.exp()
         return (positive.sum(dim=1) - negative.sum(dim=1)).mean() / 2.0
+
+
+def in_batch_softmax_ce(query: torch.Tensor, keys: torch.Tensor, temperature: float,
+                        rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of ``query @ keys.T / tau`` with the diagonal as target, on *unnormalised* dot products.
+
+    ``rows`` (bool, one per query row) keeps only those query rows; every key stays a candidate column, so row
+    ``i`` is still scored against its own key ``i``. Mean over the kept rows; an empty selection gives 0 (not NaN).
+    """
+    target = torch.arange(query.shape[0], device=query.device)
+    if rows is not None:
+        target = target[rows]
+        if target.numel() == 0:
+            return (query.sum() + keys.sum()) * 0.0
+        query = query[rows]
+    return F.cross_entropy(query @ keys.T / temperature, target)
+
+
+def negative_cosine(online: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """BYOL loss ``1 - mean_i cos(online_i, target_i)`` with a stop-gradient target (BM3).
+
+    Zero rows have cosine 0. ``rows`` (bool) averages over those rows only; an empty selection gives 0.
+    """
+    cos = F.cosine_similarity(online, target.detach(), dim=-1)
+    if rows is not None:
+        if not bool(rows.any()):
+            return online.sum() * 0.0
+        cos = cos[rows]
+    return 1.0 - cos.mean()
+
