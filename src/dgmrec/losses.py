@@ -111,7 +111,7 @@ def in_batch_softmax_ce(query: torch.Tensor, keys: torch.Tensor, temperature: fl
         if target.numel() == 0:
             return (query.sum() + keys.sum()) * 0.0
         query = query[rows]
-    return F.cross_entropy(query @ keys.T / temperature, target)
+    return F.cross_entropy(query @ (keys.T / temperature), target)  # scale the B x w side, not the B x B logits
 
 
 def negative_cosine(online: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
