@@ -345,7 +345,10 @@ class EdgeGraph:
         perm = torch.argsort(rows * (int(cols.max()) + 1 if len(cols) else 1) + cols, stable=True)
         crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
         crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), dim=0)
-        return perm, crow, cols[perm].contiguous()
+        # 32-bit indices when they fit: the CPU sparse kernels run about twice as fast with them
+        index_dtype = torch.int32 if max(len(cols), n_rows, int(cols.max()) + 1 if len(cols) else 0) < 2**31 \
+            else torch.long
+        return perm, crow.to(index_dtype), cols[perm].to(index_dtype).contiguous()
 
     def matrix(self, w: torch.Tensor) -> torch.Tensor:
         """``n_dst x n_src`` CSR matrix with entry ``(dst_e, src_e) = w_e`` (duplicates add up)."""
