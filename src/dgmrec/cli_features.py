@@ -48,9 +48,7 @@ def _dataset_group() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- options
-ItemsOpt = Annotated[
-    Path, typer.Option("--items", help="Items table (CSV, TSV or Parquet), one row per item.")
-]
+ItemsOpt = Annotated[Path, typer.Option("--items", help="Items table (CSV, TSV or Parquet), one row per item.")]
 IdColumnOpt = Annotated[str, typer.Option("--id-column", help="Item id column of the items table.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
 ItemsSepOpt = Annotated[
@@ -59,9 +57,7 @@ ItemsSepOpt = Annotated[
 ]
 ItemsNoHeaderOpt = Annotated[
     bool,
-    typer.Option(
-        "--items-no-header", help="The items table has no header line (fields are named 1, 2, ...)."
-    ),
+    typer.Option("--items-no-header", help="The items table has no header line (fields are named 1, 2, ...)."),
 ]
 ItemsColumnsOpt = Annotated[
     str | None,
@@ -73,26 +69,20 @@ TextColumnOpt = Annotated[
     typer.Option("--text-column", help="Text column; repeat to join several columns (newline-separated)."),
 ]
 TextDirOpt = Annotated[Path | None, typer.Option("--text-dir", help="Folder with one text file per item.")]
-TextPatternOpt = Annotated[
-    str, typer.Option("--text-pattern", help="Text file name pattern inside --text-dir.")
-]
+TextPatternOpt = Annotated[str, typer.Option("--text-pattern", help="Text file name pattern inside --text-dir.")]
 TextEncodingOpt = Annotated[str, typer.Option("--text-encoding", help="Encoding of the text files.")]
 ImageColumnOpt = Annotated[
     str | None,
     typer.Option("--image-column", help="Column with image paths (relative to the items table's folder)."),
 ]
 ImageDirOpt = Annotated[Path | None, typer.Option("--image-dir", help="Folder of item images.")]
-ImagePatternOpt = Annotated[
-    str, typer.Option("--image-pattern", help="Image file name pattern inside --image-dir.")
-]
+ImagePatternOpt = Annotated[str, typer.Option("--image-pattern", help="Image file name pattern inside --image-dir.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: cpu or cuda.")]
 CacheOpt = Annotated[
     bool,
     typer.Option("--cache/--no-cache", help="Reuse and update the content-hash cache in OUT/feature_cache."),
 ]
-ProgressOpt = Annotated[
-    bool, typer.Option("--progress/--no-progress", help="Show progress bars on a terminal.")
-]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars on a terminal.")]
 
 
 def _items_format(sep: str | None, no_header: bool, columns: str | None, encoding: str) -> TableFormat:
@@ -101,6 +91,7 @@ def _items_format(sep: str | None, no_header: bool, columns: str | None, encodin
         header=not no_header,
         columns=parse_columns(columns, "--items-columns"),
         encoding=encoding,
+        option_prefix="items-",
     )
 
 
@@ -225,16 +216,12 @@ def dataset_build(
         str | None,
         typer.Option("--sep", help="Interactions field separator (tab, comma, pipe, or a character)."),
     ] = None,
-    no_header: Annotated[
-        bool, typer.Option("--no-header", help="The interactions file has no header line.")
-    ] = False,
+    no_header: Annotated[bool, typer.Option("--no-header", help="The interactions file has no header line.")] = False,
     columns: Annotated[
         str | None,
         typer.Option("--columns", help="Comma-separated names of a headerless interactions file's fields."),
     ] = None,
-    encoding: Annotated[
-        str, typer.Option("--encoding", help="Text encoding of the interactions file.")
-    ] = "utf-8",
+    encoding: Annotated[str, typer.Option("--encoding", help="Text encoding of the interactions file.")] = "utf-8",
     items_sep: ItemsSepOpt = None,
     items_no_header: ItemsNoHeaderOpt = False,
     items_columns: ItemsColumnsOpt = None,
@@ -289,3 +276,32 @@ def dataset_build(
         f"{', '.join(m + '_feat.npy' for m in result.report['modalities'])}, observed.npz, item_ids.csv, "
         f"user_ids.csv, {REPORT_JSON}, {REPORT_TXT}"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``features`` and ``dataset`` commands without the main CLI (``python -m dgmrec.cli_features``).
+
+    Parameters
+    ----------
+    argv:
+        Arguments (``sys.argv[1:]`` when None).
+
+    Returns
+    -------
+    int
+        2 for user errors (printed as ``error: <message>``); otherwise the command line exits by itself.
+    """
+    app = typer.Typer(no_args_is_help=True, add_completion=False)
+    app.add_typer(features_app, name="features")
+    app.add_typer(dataset_app, name="dataset")
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="python -m dgmrec.cli_features", standalone_mode=True)
+    except InputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -115,13 +115,14 @@ def read_interactions(
     src = str(spec.path)
     if (spec.min_rating is None) != (spec.rating_column is None):
         raise InputError("--min-rating and --rating-column go together", source="--min-rating")
-    df = read_table_with(spec.path, spec.fmt)
+    fmt = spec.fmt or TableFormat()
+    df = read_table_with(spec.path, fmt)
     needed = {spec.user_column: "--user-column", spec.item_column: "--item-column"}
     if spec.time_column:
         needed[spec.time_column] = "--time-column"
     if spec.rating_column:
         needed[spec.rating_column] = "--rating-column"
-    require_columns(df, needed, src)
+    require_columns(df, needed, src, fmt.header_hint())
     if df.empty:
         raise DataError("no interactions", source=src)
     users = df[spec.user_column].astype(str).str.strip()
@@ -134,8 +135,7 @@ def read_interactions(
     unknown = [v for v in dict.fromkeys(items.tolist()) if v not in index]
     if unknown:
         raise DataError(
-            f"{len(unknown)} item id(s) in column {spec.item_column} are not in {items_source}, "
-            f"e.g. {unknown[0]!r}",
+            f"{len(unknown)} item id(s) in column {spec.item_column} are not in {items_source}, e.g. {unknown[0]!r}",
             source=src,
         )
     if spec.time_column:
@@ -146,8 +146,7 @@ def read_interactions(
         if ratings.isna().any():
             row = int(np.flatnonzero(ratings.isna().to_numpy())[0])
             raise DataError(
-                f"column {spec.rating_column}, row {row + 1}: {df[spec.rating_column].iloc[row]!r} is "
-                "not a number",
+                f"column {spec.rating_column}, row {row + 1}: {df[spec.rating_column].iloc[row]!r} is not a number",
                 source=src,
             )
         keep = (ratings >= spec.min_rating).to_numpy()

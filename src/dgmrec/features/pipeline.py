@@ -280,9 +280,7 @@ def collect_texts(items: ItemsTable, source: TextSource) -> tuple[list[str | Non
     return texts, reasons
 
 
-def collect_image_paths(
-    items: ItemsTable, source: ImageSource
-) -> tuple[list[Path | None], list[str], list[str]]:
+def collect_image_paths(items: ItemsTable, source: ImageSource) -> tuple[list[Path | None], list[str], list[str]]:
     """The image path of every item (None when none is given) with the path as written, for messages.
 
     Parameters
@@ -315,9 +313,7 @@ def collect_image_paths(
             shown[i] = value
         return paths, shown, reasons
     if source.image_dir is None:
-        raise InputError(
-            "give an image column (--image-column) or an image folder (--image-dir)", source="image"
-        )
+        raise InputError("give an image column (--image-column) or an image folder (--image-dir)", source="image")
     folder = Path(source.image_dir)
     if not folder.is_dir():
         raise DataError("image folder not found", source=str(folder))
@@ -483,18 +479,14 @@ def encode_text_modality(
     if batch_size < 1:
         raise InputError("must be at least 1", source="--batch-size")
     texts, reasons = collect_texts(items, source)
-    _check_some_content(
-        items, sum(t is not None for t in texts), source.modality, "every text is empty or missing"
-    )
+    _check_some_content(items, sum(t is not None for t in texts), source.modality, "every text is empty or missing")
     t_load = time.perf_counter()
     enc = load_text_encoder(encoder, device)
     load_seconds = time.perf_counter() - t_load
     t0 = time.perf_counter()
     n = len(items)
     features = np.full((n, enc.dim), np.nan, dtype=np.float32)
-    cache = FeatureCache(
-        cache_dir or ".", "text", enc.cache_id, enc.dim, enabled=use_cache and cache_dir is not None
-    )
+    cache = FeatureCache(cache_dir or ".", "text", enc.cache_id, enc.dim, enabled=use_cache and cache_dir is not None)
     batcher = _Batcher(features, lambda xs: enc.encode(xs), cache, batch_size, enc.name)
     cached = 0
     try:
@@ -593,9 +585,7 @@ def encode_image_modality(
     t0 = time.perf_counter()
     n = len(items)
     features = np.full((n, enc.dim), np.nan, dtype=np.float32)
-    cache = FeatureCache(
-        cache_dir or ".", "image", enc.cache_id, enc.dim, enabled=use_cache and cache_dir is not None
-    )
+    cache = FeatureCache(cache_dir or ".", "image", enc.cache_id, enc.dim, enabled=use_cache and cache_dir is not None)
     batcher = _Batcher(features, lambda xs: enc.encode(xs), cache, batch_size, enc.name)
     cached = 0
     try:
@@ -633,9 +623,7 @@ def encode_image_modality(
         reasons[r] = f"encoder returned non-finite values: {shown[r]}"
     missing = [MissingItem(i, items.ids[i], reasons[i]) for i in range(n) if np.isnan(features[i]).all()]
     src: dict[str, Any] = (
-        {"column": source.column}
-        if source.column
-        else {"image_dir": str(source.image_dir), "pattern": source.pattern}
+        {"column": source.column} if source.column else {"image_dir": str(source.image_dir), "pattern": source.pattern}
     )
     return ModalityResult(
         source.modality,
@@ -671,9 +659,7 @@ def write_id_table(path: Path, original_ids: Sequence[str], column: str) -> None
     column:
         ``itemID`` or ``userID``.
     """
-    frame = pd.DataFrame(
-        {column: np.arange(len(original_ids), dtype=np.int64), "original_id": list(original_ids)}
-    )
+    frame = pd.DataFrame({column: np.arange(len(original_ids), dtype=np.int64), "original_id": list(original_ids)})
     tmp = path.with_name(path.name + ".tmp")
     frame.to_csv(tmp, index=False)
     tmp.replace(path)
@@ -711,9 +697,7 @@ def _modality_entry(r: ModalityResult, file_name: str) -> dict[str, Any]:
         "encoder_inputs": r.encoder_inputs,
         "encode_seconds": round(r.seconds, 2),
         "load_seconds": round(r.load_seconds, 2),
-        "missing_items": [
-            {"itemID": m.row, "original_id": m.original_id, "reason": m.reason} for m in r.missing
-        ],
+        "missing_items": [{"itemID": m.row, "original_id": m.original_id, "reason": m.reason} for m in r.missing],
     }
 
 
@@ -754,9 +738,7 @@ def format_report(report: dict[str, Any]) -> str:
     for m, e in mods.items():
         if e["missing_items"]:
             lines.append(f"[{m}] missing items (itemID, original id, reason):")
-            lines.extend(
-                f"  {it['itemID']}\t{it['original_id']}\t{it['reason']}" for it in e["missing_items"]
-            )
+            lines.extend(f"  {it['itemID']}\t{it['original_id']}\t{it['reason']}" for it in e["missing_items"])
             lines.append("")
     if "dataset" in report:
         d = report["dataset"]
@@ -818,9 +800,7 @@ def write_features(
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             old = {}
     modalities: dict[str, Any] = {
-        m: e
-        for m, e in old.get("modalities", {}).items()
-        if m not in written and (out / e.get("file", "")).is_file()
+        m: e for m, e in old.get("modalities", {}).items() if m not in written and (out / e.get("file", "")).is_file()
     }
     for r in results:
         if r.features.shape[0] != len(items):

@@ -42,12 +42,29 @@ class TableFormat:
         Names for the fields of a file without header line (implies ``header=False``).
     encoding:
         Text encoding of the file (``utf-8`` accepts and drops a byte-order mark).
+    option_prefix:
+        Prefix of the command-line options that set these values (``items-`` for ``--items-sep``, ...), used
+        in hints of error messages.
     """
 
     sep: str | None = None
     header: bool = True
     columns: tuple[str, ...] | None = None
     encoding: str = "utf-8"
+    option_prefix: str = ""
+
+    def option(self, name: str) -> str:
+        """The command-line option that sets ``name`` (``sep``, ``columns``, ``encoding``)."""
+        return f"--{self.option_prefix}{name}"
+
+    def header_hint(self) -> str:
+        """Hint for a column that is not found: maybe the file has no header line or another separator."""
+        if self.columns is not None:
+            return ""
+        return (
+            f"; a file without header line needs {self.option('columns')} (and {self.option('sep')} "
+            "unless it is comma-separated)"
+        )
 
 
 def parse_sep(value: str | None, option: str = "--sep") -> str | None:
@@ -149,9 +166,7 @@ def read_table_with(path: str | Path, fmt: TableFormat | None = None) -> pd.Data
         df = _parquet_as_strings(path)
         if fmt.columns is not None:
             if len(fmt.columns) != df.shape[1]:
-                raise DataError(
-                    f"has {df.shape[1]} columns but {len(fmt.columns)} names were given", source=src
-                )
+                raise DataError(f"has {df.shape[1]} columns but {len(fmt.columns)} names were given", source=src)
             df.columns = list(fmt.columns)
         return df
     sep = fmt.sep or ("\t" if path.suffix.lower() in TAB_SUFFIXES else ",")
@@ -170,11 +185,11 @@ def read_table_with(path: str | Path, fmt: TableFormat | None = None) -> pd.Data
     except UnicodeDecodeError as exc:
         raise DataError(
             f"not valid {fmt.encoding} text ({exc.reason} at byte {exc.start}); if the file uses another "
-            "encoding, say which with --encoding (e.g. latin-1)",
+            f"encoding, say which with {fmt.option('encoding')} (e.g. latin-1)",
             source=src,
         ) from None
     except LookupError:
-        raise InputError(f"unknown text encoding {fmt.encoding!r}", source="--encoding") from None
+        raise InputError(f"unknown text encoding {fmt.encoding!r}", source=fmt.option("encoding")) from None
     except pd.errors.EmptyDataError:
         raise DataError("the file is empty", source=src) from None
     except Exception as exc:
@@ -196,7 +211,7 @@ def read_table_with(path: str | Path, fmt: TableFormat | None = None) -> pd.Data
     return df
 
 
-def require_columns(df: pd.DataFrame, columns: dict[str, str], source: str) -> None:
+def require_columns(df: pd.DataFrame, columns: dict[str, str], source: str, hint: str = "") -> None:
     """Raise a :class:`DataError` naming the first missing column and the option that named it.
 
     Parameters
@@ -207,11 +222,13 @@ def require_columns(df: pd.DataFrame, columns: dict[str, str], source: str) -> N
         Column name -> option that asked for it (e.g. ``{"movie_id": "--id-column"}``).
     source:
         File name for the message.
+    hint:
+        Appended to the message.
     """
     for col, option in columns.items():
         if col not in df.columns:
-            found = ", ".join(map(str, df.columns[:20])) + (", ..." if df.shape[1] > 20 else "")
-            raise DataError(f"no column {col!r} ({option}); the table has: {found}", source=source)
+            found = ", ".join(repr(str(c)) for c in df.columns[:20]) + (", ..." if df.shape[1] > 20 else "")
+            raise DataError(f"no column {col!r} ({option}); the table has: {found}{hint}", source=source)
 
 
 @dataclass
@@ -291,7 +308,7 @@ def read_items(path: str | Path, id_column: str, fmt: TableFormat | None = None)
     id_column:
         Column holding the item ids.
     fmt:
-        Reading options for delimited text.
+        Reading options for delimited text (options named ``--items-...`` in messages by default).
 
     Returns
     -------
@@ -305,8 +322,9 @@ def read_items(path: str | Path, id_column: str, fmt: TableFormat | None = None)
     """
     path = Path(path)
     src = str(path)
+    fmt = fmt or TableFormat(option_prefix="items-")
     df = read_table_with(path, fmt)
-    require_columns(df, {id_column: "--id-column"}, src)
+    require_columns(df, {id_column: "--id-column"}, src, fmt.header_hint())
     if df.empty:
         raise DataError("the items table has no rows", source=src)
     ids = validate_ids(df[id_column], id_column, src)
