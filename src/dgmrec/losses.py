@@ -27,33 +27,42 @@ def sq_reg(*tensors: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 class _CosineNCE(torch.autograd.Function):
-    """InfoNCE on already L2-normalised rows with a hand-written backward.
+    """InfoNCE on already L2-normalised rows, with its gradient computed during the forward pass.
 
-    Cosines are bounded by 1, so ``log-sum-exp`` needs no max pass (logits are shifted by ``1/tau``), and the
-    exponentials are kept for the backward (normalised on the ``n x d`` side): two passes over the ``n x n``
-    matrix instead of the eight or so of the generic graph, which dominate DGMRec's step time on a CPU.
+    The loss is a mean, so its gradient is a fixed ``(n, d)`` pair times the incoming scalar. Rows are processed
+    in blocks that stay in cache: ``exp((a_blk . b - 1) / tau)`` (cosines are at most 1, so no max pass is
+    needed), its row sums, and the block's share of both gradients. The ``n x n`` matrix is never stored.
     """
+
+    block = 128
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, inv_tau: float) -> torch.Tensor:  # type: ignore[override]
-        # exp((a.b - 1) / tau) in place: no max pass, no overflow (cosines <= 1)
-        expo = torch.addmm(torch.full((1,), -inv_tau, dtype=a.dtype, device=a.device), a, b.T, alpha=inv_tau)
-        expo.exp_()
-        denom = expo.sum(dim=1)
+        n = a.shape[0]
+        shift = torch.full((1,), -inv_tau, dtype=a.dtype, device=a.device)
+        grad_a = torch.empty_like(a)
+        grad_b = torch.zeros_like(b)
+        log_denom = torch.empty(n, dtype=a.dtype, device=a.device)
+        for s in range(0, n, _CosineNCE.block):
+            a_blk = a[s:s + _CosineNCE.block]
+            expo = torch.addmm(shift, a_blk, b.T, alpha=inv_tau).exp_()
+            denom = expo.sum(dim=1, keepdim=True)
+            log_denom[s:s + _CosineNCE.block] = denom.squeeze(1).log()
+            expo.div_(denom)  # softmax rows P
+            grad_a[s:s + _CosineNCE.block] = expo @ b
+            grad_b.addmm_(expo.T, a_blk)
         positive = (a * b).sum(dim=1) * inv_tau
-        loss = (inv_tau + denom.log() - positive).mean()
-        ctx.save_for_backward(a, b, expo, denom)
-        ctx.inv_tau = inv_tau
+        loss = (inv_tau + log_denom - positive).mean()
+        # d/da of mean(lse - positive) = (P - I) b * inv_tau / n, d/db = (P - I)^T a * inv_tau / n
+        grad_a.sub_(b).mul_(inv_tau / n)
+        grad_b.sub_(a).mul_(inv_tau / n)
+        ctx.save_for_backward(grad_a, grad_b)
         return loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        a, b, expo, denom = ctx.saved_tensors
-        scale = grad * ctx.inv_tau / a.shape[0]
-        # softmax P = expo / denom (row-wise); d/da = (P - I) b, d/db = (P - I)^T a
-        grad_a = (expo @ b) / denom.unsqueeze(1) - b
-        grad_b = expo.T @ (a / denom.unsqueeze(1)) - a
-        return grad_a * scale, grad_b * scale, None
+        grad_a, grad_b = ctx.saved_tensors
+        return grad_a * grad, grad_b * grad, None
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -126,3 +135,78 @@ def negative_cosine(online: torch.Tensor, target: torch.Tensor, rows: torch.Tens
         cos = cos[rows]
     return 1.0 - cos.mean()
 
+
+# ----------------------------------------------------------- LGMRec, DA-MRS and GUME pieces
+
+
+class _TripleNCE(torch.autograd.Function):
+    """Sum-reduced InfoNCE of L2-normalised rows against an explicit negative set (hand-written backward)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, negatives: torch.Tensor,  # type: ignore[override]
+                inv_tau: float) -> torch.Tensor:
+        expo = torch.addmm(torch.full((1,), -inv_tau, dtype=a.dtype, device=a.device), a, negatives.T,
+                           alpha=inv_tau)
+        expo.exp_()  # exp((a.n - 1) / tau): cosines <= 1, so no overflow and no max pass
+        denom = expo.sum(dim=1)
+        loss = (inv_tau + denom.log() - (a * b).sum(dim=1) * inv_tau).sum()
+        ctx.save_for_backward(a, b, negatives, expo, denom)
+        ctx.inv_tau = inv_tau
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        a, b, negatives, expo, denom = ctx.saved_tensors
+        scale = grad * ctx.inv_tau
+        grad_a = (expo @ negatives) / denom.unsqueeze(1) - b
+        grad_n = expo.T @ (a / denom.unsqueeze(1))
+        return grad_a * scale, -a * scale, grad_n * scale, None
+
+
+def triple_info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """``sum_i -log( exp(cos(a_i, p_i)/tau) / sum_n exp(cos(a_i, n)/tau) )`` over an explicit negative set.
+
+    LGMRec's hypergraph contrast: **summed** (not averaged) over the rows, and the negatives are the rows of
+    ``negatives`` (normally a table that also contains each positive), not the other rows of ``positive``.
+    """
+    return _TripleNCE.apply(F.normalize(anchor, dim=1), F.normalize(positive, dim=1),
+                            F.normalize(negatives, dim=1), 1.0 / temperature)
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None,
+                   noise: bool = True) -> torch.Tensor:
+    """Soft Gumbel-softmax over the last dimension: ``softmax((logits + g) / tau)``, ``g ~ Gumbel(0, 1)``.
+
+    Same distribution as ``torch.nn.functional.gumbel_softmax(hard=False)`` but with an optional generator;
+    ``noise=False`` gives the deterministic ``softmax(logits / tau)``.
+    """
+    if noise:
+        g = -torch.empty_like(logits).exponential_(generator=generator).log()
+        logits = logits + g
+    return torch.softmax(logits / tau, dim=-1)
+
+
+def sym_bernoulli_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``KL(p||q) + KL(q||p)`` of Bernoulli variables given by their logits (``p = sigmoid(a)``).
+
+    The symmetric sum simplifies to ``(sigmoid(a) - sigmoid(b)) * (a - b)``: exact, and finite where the
+    probability form (``p log p/q + (1-p) log (1-p)/(1-q)``) saturates to ``0 * log 0``.
+    """
+    return (torch.sigmoid(logits_p) - torch.sigmoid(logits_q)) * (logits_p - logits_q)
+
+
+def weighted_bpr_loss(pos: torch.Tensor, neg: torch.Tensor, pos_weight: torch.Tensor,
+                      neg_weight: torch.Tensor) -> torch.Tensor:
+    """``-mean( w+ log sigmoid(pos - neg) + w- log sigmoid(neg - pos) )`` (DA-MRS's denoising BPR).
+
+    ``w-`` > 0 adds a reversed-preference term for positives suspected to be noise; weights are used as given
+    (detach them beforehand).
+    """
+    diff = pos - neg
+    return -(pos_weight * F.logsigmoid(diff) + neg_weight * F.logsigmoid(-diff)).mean()
+
+
+def moment_alignment(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``|var(a) - var(b)| + |mean(a) - mean(b)|`` over all entries (unbiased variance; GUME's view alignment)."""
+    return (a.var() - b.var()).abs() + (a.mean() - b.mean()).abs()

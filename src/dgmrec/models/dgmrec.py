@@ -232,12 +232,10 @@ class DGMRec(Recommender):
             filt.append(phi)
             prop_g.append(both[:, : self.d])
             prop_s.append(both[:, self.d:])
-        stacked = torch.cat(prop_g + prop_s, dim=1)
-        if users is None:
-            user_mm = self.user_agg @ stacked
-        else:  # only the batch's users: a row slice of the aggregator
-            u_cf = u_cf[users]
-            user_mm = SparseOp(self.user_agg.scipy[users.cpu().numpy()], self.device) @ stacked
+        user_mm = self.user_agg @ torch.cat(prop_g + prop_s, dim=1)
+        if users is not None:  # only the batch's users (one gather, cheap backward)
+            picked = F.embedding(users, torch.cat([u_cf, user_mm], dim=1))
+            u_cf, user_mm = picked[:, : self.d], picked[:, self.d:]
         user_g = list(user_mm[:, : self.M * self.d].split(self.d, dim=1))
         user_s = list(user_mm[:, self.M * self.d:].split(self.d, dim=1))
         item_rep = i_cf + (torch.stack(prop_g).mean(0) + torch.stack(prop_s).sum(0)) / (self.M + 1)
