@@ -95,7 +95,7 @@ def test_generate_fills_missing_rows(trained, folder, tmp_path, capsys):
 
 
 def test_retrieval_command(trained, folder, tmp_path, capsys):
-    code, out, _ = run_cli(["retrieval", "--run", str(trained), "--truth", str(folder), "--out",
+    code, _, _ = run_cli(["retrieval", "--run", str(trained), "--truth", str(folder), "--out",
                             str(tmp_path / "r.json")], capsys)
     assert code == 0
     res = json.loads((tmp_path / "r.json").read_text())
