@@ -44,8 +44,9 @@ def load_dataset(
         modalities = [m.strip() for m in modalities.split(",") if m.strip()]
     letters = mask_letters if isinstance(mask_letters, Mapping) or mask_letters is None else parse_letters(
         mask_letters)
-    if str(data) == SYNTHETIC:
-        ds = make_synthetic()
+    if str(data) == SYNTHETIC or str(data).startswith(SYNTHETIC + "(seed="):
+        seed = int(str(data)[len(SYNTHETIC) + 6:-1]) if str(data) != SYNTHETIC else 0
+        ds = make_synthetic(seed=seed)
         if modalities:
             ds = ds.select_modalities(list(modalities))
         if mask is not None:
@@ -65,7 +66,7 @@ def load_dataset(
 def _run_info(data: str | Path, modalities: Sequence[str] | None, mask: str | Path | None,
               mask_letters: Any, setting: str) -> dict[str, Any]:
     return {
-        "data": SYNTHETIC if str(data) == SYNTHETIC else str(Path(data).resolve()),
+        "data": str(data) if str(data).startswith(SYNTHETIC) else str(Path(data).resolve()),
         "modalities": list(modalities) if modalities else [],
         "mask": str(Path(mask).resolve()) if mask else "",
         "mask_letters": mask_letters if isinstance(mask_letters, str) else "",

@@ -40,10 +40,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise DataError("file not found", source=src)
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
-            df = pd.read_parquet(path).astype(str)
+            df = pd.read_parquet(path)
+            df = df.astype(object).where(df.notna(), "").astype(str)  # nulls become empty strings
         else:
             sep = "\t" if path.suffix.lower() in (".tsv", ".inter", ".tab") else ","
-            df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8")
+            df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"not valid UTF-8 text ({exc.reason} at byte {exc.start})", source=src) from None
     except ImportError as exc:
@@ -94,8 +95,8 @@ def read_raw_interactions(
         raise DataError(f"missing column(s) {', '.join(missing)} (found: {', '.join(df.columns)})", source=src)
     if df.empty:
         raise DataError("no interactions", source=src)
-    users_raw = df[user_column].astype(str).to_numpy()
-    items_raw = df[item_column].astype(str).to_numpy()
+    users_raw = df[user_column].astype(str).str.strip().to_numpy()
+    items_raw = df[item_column].astype(str).str.strip().to_numpy()
     for col, arr in ((user_column, users_raw), (item_column, items_raw)):
         empty = np.flatnonzero(pd.Series(arr).str.strip().eq("").to_numpy())
         if len(empty):
