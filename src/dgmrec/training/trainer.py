@@ -127,7 +127,6 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.config
         seed = int(cfg["seed"])
-        self.out.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.out / "checkpoint.pt"
         fingerprint = dataset_fingerprint(self.ds)
         seed_everything(seed)
@@ -164,8 +163,8 @@ class Trainer:
             train_seconds = list(state["train_seconds"])
             eval_seconds = list(state["eval_seconds"])
             start_epoch = int(state["epoch"])
-        elif resume:
-            pass  # nothing to resume: start fresh
+        # everything is validated and built: only now touch the run directory
+        self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg), sort_keys=True))
         self._rewrite_log(history)
 
