@@ -140,27 +140,42 @@ def negative_cosine(online: torch.Tensor, target: torch.Tensor, rows: torch.Tens
 
 
 class _TripleNCE(torch.autograd.Function):
-    """Sum-reduced InfoNCE of L2-normalised rows against an explicit negative set (hand-written backward)."""
+    """Sum-reduced InfoNCE of L2-normalised rows against an explicit negative set.
+
+    Like :class:`_CosineNCE`, rows are processed in cache-sized blocks and the gradient (a fixed set of
+    tensors times the incoming scalar) is computed during the forward pass; the ``rows x negatives`` matrix is
+    never stored.
+    """
+
+    block = 128
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, negatives: torch.Tensor,  # type: ignore[override]
                 inv_tau: float) -> torch.Tensor:
-        expo = torch.addmm(torch.full((1,), -inv_tau, dtype=a.dtype, device=a.device), a, negatives.T,
-                           alpha=inv_tau)
-        expo.exp_()  # exp((a.n - 1) / tau): cosines <= 1, so no overflow and no max pass
-        denom = expo.sum(dim=1)
-        loss = (inv_tau + denom.log() - (a * b).sum(dim=1) * inv_tau).sum()
-        ctx.save_for_backward(a, b, negatives, expo, denom)
+        shift = torch.full((1,), -inv_tau, dtype=a.dtype, device=a.device)
+        grad_a = torch.empty_like(a)
+        grad_n = torch.zeros_like(negatives)
+        log_denom = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
+        for s in range(0, a.shape[0], _TripleNCE.block):
+            a_blk = a[s:s + _TripleNCE.block]
+            expo = torch.addmm(shift, a_blk, negatives.T, alpha=inv_tau).exp_()  # exp((a.n - 1) / tau) <= 1
+            denom = expo.sum(dim=1, keepdim=True)
+            log_denom[s:s + _TripleNCE.block] = denom.squeeze(1).log()
+            expo.div_(denom)
+            grad_a[s:s + _TripleNCE.block] = expo @ negatives
+            grad_n.addmm_(expo.T, a_blk)
+        loss = (inv_tau + log_denom - (a * b).sum(dim=1) * inv_tau).sum()
+        # d/da = (P n - b) / tau, d/db = -a / tau, d/dn = P^T a / tau (sum over rows, no 1/n)
+        grad_a.sub_(b).mul_(inv_tau)
+        grad_n.mul_(inv_tau)
+        ctx.save_for_backward(grad_a, a, grad_n)
         ctx.inv_tau = inv_tau
         return loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        a, b, negatives, expo, denom = ctx.saved_tensors
-        scale = grad * ctx.inv_tau
-        grad_a = (expo @ negatives) / denom.unsqueeze(1) - b
-        grad_n = expo.T @ (a / denom.unsqueeze(1))
-        return grad_a * scale, -a * scale, grad_n * scale, None
+        grad_a, a, grad_n = ctx.saved_tensors
+        return grad_a * grad, a * (-ctx.inv_tau * grad), grad_n * grad, None
 
 
 def triple_info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
