@@ -76,7 +76,8 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
 def perturb(x: torch.Tensor, scale: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
     """``x + sign(x) * normalize(U[0,1)) * scale``: push every coordinate away from zero (DGMRec's noise)."""
     noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return x + torch.sign(x) * F.normalize(noise, dim=-1) * scale
+    noise.mul_(scale / torch.linalg.vector_norm(noise, dim=-1, keepdim=True).clamp_min(1e-12))
+    return torch.addcmul(x, x.sign(), noise)
 
 
 class CLUBSample(nn.Module):

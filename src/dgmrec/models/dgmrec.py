@@ -268,10 +268,10 @@ class DGMRec(Recommender):
             recon = zero
             for j in range(M):
                 dec_in = perturb(torch.cat([f["g"][j], f["s"][j]], dim=1).detach(), self.perturb_scale)
-                err = (self.decoder[j](dec_in) - self.features[j]) ** 2
+                decoded, target = self.decoder[j](dec_in), self.features[j]
                 if self.recon_observed_only:
-                    err = err[self.observed[:, j]]
-                recon = recon + err.mean()
+                    decoded, target = decoded[self.observed[:, j]], target[self.observed[:, j]]
+                recon = recon + F.mse_loss(decoded, target)
             parts["recon"] = self.w["recon"] * recon
 
         if self.club_mods:
