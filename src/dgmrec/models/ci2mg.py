@@ -177,8 +177,7 @@ class CI2MG(Recommender):
 
         generated: list[torch.Tensor | None] = [None] * self.M
         for m, partner in self.transport_groups:
-            sources = hyper[self.others[m][0]] if partner is not None else sum(hyper[k] for k in self.others[m])
-            assert isinstance(sources, torch.Tensor)
+            sources = torch.stack([hyper[k] for k in self.others[m]]).sum(0)
             # rows = source items, columns = target items of modality m
             out, out_t = sinkhorn_transport(sources, hyper[m], hyper[m], self.epsilon, self.sinkhorn_iterations,
                                             values_t=None if partner is None else hyper[partner],
