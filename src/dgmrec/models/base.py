@@ -26,6 +26,7 @@ from torch import nn
 
 from dgmrec.data.dataset import RecDataset
 from dgmrec.data.impute import impute_features
+from dgmrec.errors import ConfigError
 
 
 @dataclass
@@ -108,9 +109,20 @@ class Recommender(nn.Module):
 
     name: ClassVar[str] = ""
     uses_features: ClassVar[bool] = True
+    #: string options and their allowed values, checked on construction
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: the fewest modalities the model works with
+    min_modalities: ClassVar[int] = 0
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__()
+        for key, allowed in self.choices.items():
+            if str(config[key]) not in allowed:
+                raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}",
+                                  source=key)
+        if data.n_modalities < self.min_modalities:
+            raise ConfigError(f"{self.name} needs at least {self.min_modalities} modalities", source="--modalities")
+        self._eval_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.n_users = data.n_users
         self.n_items = data.n_items
         self.modalities = list(data.modalities)
@@ -121,13 +133,25 @@ class Recommender(nn.Module):
     def loss(self, batch: Batch) -> LossOutput:
         raise NotImplementedError
 
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """User and item representations whose dot product is the score (for the default scoring)."""
+        raise NotImplementedError
+
     def prepare_eval(self) -> None:
         """Compute and cache the final user/item representations for a whole evaluation pass."""
-        raise NotImplementedError
+        with torch.no_grad():
+            self._eval_cache = self.final_embeddings()
 
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         """Scores of every item for ``users`` (call :meth:`prepare_eval` first)."""
-        raise NotImplementedError
+        if self._eval_cache is None:
+            raise RuntimeError("call prepare_eval() before score_users()")
+        user_rep, item_rep = self._eval_cache
+        return user_rep[users] @ item_rep.T
+
+    def train(self, mode: bool = True) -> Recommender:
+        self._eval_cache = None  # parameters are about to change
+        return super().train(mode)
 
     # ------------------------------------------------------------------- hooks
     def before_epoch(self, epoch: int) -> dict[str, float] | None:

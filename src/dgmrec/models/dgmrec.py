@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgmrec.errors import ConfigError
 from dgmrec.graphs import (
     SparseOp,
     blend_rows,
@@ -69,15 +68,11 @@ class DGMRec(Recommender):
     """DGMRec for ``M >= 2`` modalities (see the module docstring and ``configs/models/DGMRec.yaml``)."""
 
     name = "DGMRec"
+    choices = _CHOICES
+    min_modalities = 2
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)
-        for key, allowed in _CHOICES.items():
-            if str(config[key]) not in allowed:
-                raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}",
-                                  source=key)
-        if data.n_modalities < 2:
-            raise ConfigError("DGMRec needs at least two modalities", source="--modalities")
         c = config
         d = int(c["embedding_size"])
         self.d = d
@@ -174,7 +169,6 @@ class DGMRec(Recommender):
         self.train_graphs: list[SparseOp] = []
         self.infer_graphs: list[SparseOp] = []
         self._build_initial_graphs()
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------ graphs
     def _build_initial_graphs(self) -> None:
@@ -398,23 +392,13 @@ class DGMRec(Recommender):
         return out
 
     # ------------------------------------------------------------------------------------ scoring
-    def prepare_eval(self) -> None:
-        with torch.no_grad():
-            f = self.forward_all(self._scoring_graphs())
-            item = f["item"]
-            if self.zero_new_item_cf and self.new_item_setting:
-                new = torch.as_tensor(self.new_items_np, device=item.device)
-                item = torch.where(new[:, None], item - f["i_cf"], item)
-            self._cache = (f["user"], item)
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        assert self._cache is not None, "call prepare_eval() first"
-        u, i = self._cache
-        return u[users] @ i.T
-
-    def train(self, mode: bool = True) -> DGMRec:
-        self._cache = None
-        return super().train(mode)
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.forward_all(self._scoring_graphs())
+        item = f["item"]
+        if self.zero_new_item_cf and self.new_item_setting:
+            new = torch.as_tensor(self.new_items_np, device=item.device)
+            item = torch.where(new[:, None], item - f["i_cf"], item)
+        return f["user"], item
 
     # --------------------------------------------------------------------------------- generation API
     def generate_for_retrieval(self) -> dict[str, torch.Tensor]:

@@ -34,7 +34,6 @@ class LightGCN(Recommender):
         self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, d)))
         self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
         self.adj = SparseOp(normalized_adjacency(data.train, eps=1e-7), data.device)
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
         ego = torch.cat([self.user_embedding, self.item_embedding], dim=0)
@@ -55,15 +54,5 @@ class LightGCN(Recommender):
             reg = torch.zeros((), device=pos.device)
         return LossOutput(bpr + reg, {"bpr": float(bpr.detach()), "reg": float(reg.detach())})
 
-    def prepare_eval(self) -> None:
-        with torch.no_grad():
-            self._cache = self.propagate()
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        assert self._cache is not None, "call prepare_eval() first"
-        u, i = self._cache
-        return u[users] @ i.T
-
-    def train(self, mode: bool = True) -> LightGCN:
-        self._cache = None
-        return super().train(mode)
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.propagate()

@@ -37,8 +37,5 @@ class MFBPR(Recommender):
         reg = self.reg_weight * emb_norm(u, p, n)
         return LossOutput(bpr + reg, {"bpr": float(bpr.detach()), "reg": float(reg.detach())})
 
-    def prepare_eval(self) -> None:
-        return None
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        return self.user_embedding[users] @ self.item_embedding.T
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.user_embedding, self.item_embedding
