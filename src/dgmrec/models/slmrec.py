@@ -82,7 +82,8 @@ class SLMRec(Recommender):
         modality in data order (the original chain is visual, acoustic, textual).
 
     Scoring uses ``z`` recomputed in :meth:`prepare_eval` (the release reuses the one of the last training batch,
-    one optimiser step stale).
+    one optimiser step stale). The release's never-used acoustic head (``g_a_iva``) and the dead ``reg`` key are
+    not reproduced.
     """
 
     name = "SLMRec"
