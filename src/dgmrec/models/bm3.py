@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgmrec.errors import ConfigError
 from dgmrec.graphs import SparseOp, lightgcn_propagate, normalized_adjacency
 from dgmrec.losses import emb_norm, negative_cosine
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
 MASK_MODES = ("auto", "zero_proj", "exclude_rows", "none")
+_CHOICES = {"bm3_mask_mode": MASK_MODES}
 
 
 class BM3(Recommender):
@@ -64,13 +64,11 @@ class BM3(Recommender):
     """
 
     name = "BM3"
+    choices = _CHOICES
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)
         mode = str(config["bm3_mask_mode"])
-        if mode not in MASK_MODES:
-            raise ConfigError(f"key 'bm3_mask_mode' must be one of {', '.join(MASK_MODES)}, got {mode!r}",
-                              source="bm3_mask_mode")
         M = data.n_modalities
         if mode == "auto":
             mode = "zero_proj" if M == 2 else "none"
@@ -97,7 +95,6 @@ class BM3(Recommender):
         for layer in self.projections:
             nn.init.xavier_normal_(layer.weight)
         self.register_buffer("observed", data.observed.clone(), persistent=False)
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Online embeddings ``H_u`` and ``H_i`` (with the residual item ID embedding)."""
@@ -138,16 +135,6 @@ class BM3(Recommender):
         return LossOutput(total, {"ui": float((loss_ui + loss_iu).detach()), "reg": float(reg.detach()),
                                   "cl": float(cl.detach())})
 
-    def prepare_eval(self) -> None:
-        with torch.no_grad():
-            h_u, h_i = self.propagate()
-            self._cache = (self.predictor(h_u), self.predictor(h_i))
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        assert self._cache is not None, "call prepare_eval() first"
-        u, i = self._cache
-        return u[users] @ i.T
-
-    def train(self, mode: bool = True) -> BM3:
-        self._cache = None
-        return super().train(mode)
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        h_u, h_i = self.propagate()
+        return self.predictor(h_u), self.predictor(h_i)

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgmrec.errors import ConfigError
 from dgmrec.graphs import SparseOp, lightgcn_propagate, normalized_adjacency
 from dgmrec.losses import in_batch_softmax_ce, info_nce
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
@@ -87,15 +86,11 @@ class SLMRec(Recommender):
     """
 
     name = "SLMRec"
+    choices = _CHOICES
+    min_modalities = 2
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)
-        for key, allowed in _CHOICES.items():
-            if str(config[key]) not in allowed:
-                raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}",
-                                  source=key)
-        if data.n_modalities < 2:
-            raise ConfigError("SLMRec needs at least two modalities", source="--modalities")
         d = int(config["embedding_size"])
         self.d = d
         M = data.n_modalities
@@ -126,7 +121,6 @@ class SLMRec(Recommender):
         self.stage_heads = nn.ModuleDict({str(k): _xavier_linear(d, widths[k])
                                           for k, m in enumerate(self.stages) if m is not None})
         self.register_buffer("observed", data.observed.clone(), persistent=False)
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def features(self, j: int) -> torch.Tensor:
         return getattr(self, f"feature_{j}")
@@ -164,16 +158,6 @@ class SLMRec(Recommender):
         fac = self.fac_loss(items, batch.pos)
         return LossOutput(main + self.ssl_alpha * fac, {"main": float(main.detach()), "fac": float(fac.detach())})
 
-    def prepare_eval(self) -> None:
-        with torch.no_grad():
-            h = self.propagate()
-            self._cache = (self.fuse_user(h[: self.n_users]), self.fuse_item(h[self.n_users:]))
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        assert self._cache is not None, "call prepare_eval() first"
-        u, i = self._cache
-        return u[users] @ i.T
-
-    def train(self, mode: bool = True) -> SLMRec:
-        self._cache = None
-        return super().train(mode)
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.propagate()
+        return self.fuse_user(h[: self.n_users]), self.fuse_item(h[self.n_users:])

@@ -81,7 +81,6 @@ class VBPR(Recommender):
         self.item_linear = nn.Linear(feats.shape[1], d)
         nn.init.xavier_normal_(self.item_linear.weight)
         nn.init.zeros_(self.item_linear.bias)
-        self._cache: torch.Tensor | None = None
 
     def item_vectors(self, items: torch.Tensor | None = None) -> torch.Tensor:
         """``[q_i || W f_i + b]`` for ``items`` (every item when None)."""
@@ -98,14 +97,5 @@ class VBPR(Recommender):
         reg = self.reg_weight * emb_norm(u, p, n)
         return LossOutput(bpr + reg, {"bpr": float(bpr.detach()), "reg": float(reg.detach())})
 
-    def prepare_eval(self) -> None:
-        with torch.no_grad():
-            self._cache = self.item_vectors()
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        assert self._cache is not None, "call prepare_eval() first"
-        return self.user_embedding[users] @ self._cache.T
-
-    def train(self, mode: bool = True) -> VBPR:
-        self._cache = None
-        return super().train(mode)
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.user_embedding, self.item_vectors()
