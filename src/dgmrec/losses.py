@@ -226,3 +226,55 @@ def weighted_bpr_loss(pos: torch.Tensor, neg: torch.Tensor, pos_weight: torch.Te
 def moment_alignment(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``|var(a) - var(b)| + |mean(a) - mean(b)|`` over all entries (unbiased variance; GUME's view alignment)."""
     return (a.var() - b.var()).abs() + (a.mean() - b.mean()).abs()
+
+
+class _LinearMSE(torch.autograd.Function):
+    """``mean((x W^T + b - y)^2)`` computed in row blocks, producing every gradient during the forward pass.
+
+    With wide targets (e.g. 4,096-d image features) the decoded matrix, the difference and their gradients are
+    never materialised as whole ``n x d`` tensors; only the gradient with respect to ``y`` (and ``x``) is.
+    """
+
+    block = 512
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,  # type: ignore[override]
+                y: torch.Tensor) -> torch.Tensor:
+        n, d_out = y.shape
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        grad_w = torch.zeros_like(weight)
+        grad_b = torch.zeros_like(bias)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_y = torch.empty_like(y) if need_y else None
+        total = torch.zeros((), dtype=torch.float64, device=y.device)
+        for s in range(0, n, _LinearMSE.block):
+            xb = x[s:s + _LinearMSE.block]
+            diff = torch.addmm(bias, xb, weight.T).sub_(y[s:s + _LinearMSE.block])
+            total += diff.square().sum(dtype=torch.float64)
+            grad_w.addmm_(diff.T, xb)
+            grad_b += diff.sum(dim=0)
+            if grad_x is not None:
+                grad_x[s:s + _LinearMSE.block] = diff @ weight
+            if grad_y is not None:
+                grad_y[s:s + _LinearMSE.block] = diff
+        scale = 2.0 / (n * d_out)
+        ctx.save_for_backward(grad_w, grad_b, *(g for g in (grad_x, grad_y) if g is not None))
+        ctx.has = (grad_x is not None, grad_y is not None)
+        ctx.scale = scale
+        return (total / (n * d_out)).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        saved = list(ctx.saved_tensors)
+        grad_w, grad_b = saved[0], saved[1]
+        rest = saved[2:]
+        g = grad * ctx.scale
+        # the saved gradients belong to this node alone: scale them in place (no new n x d tensors)
+        grad_x = rest.pop(0).mul_(g) if ctx.has[0] else None
+        grad_y = rest.pop(0).mul_(-g) if ctx.has[1] else None
+        return grad_x, grad_w * g, grad_b * g, grad_y
+
+
+def linear_mse(x: torch.Tensor, layer: nn.Linear, target: torch.Tensor) -> torch.Tensor:
+    """``F.mse_loss(layer(x), target)`` without materialising the decoded matrix (see :class:`_LinearMSE`)."""
+    return _LinearMSE.apply(x, layer.weight, layer.bias, target)

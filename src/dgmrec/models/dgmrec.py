@@ -38,7 +38,7 @@ from dgmrec.graphs import (
     mean_aggregator,
     normalized_adjacency,
 )
-from dgmrec.losses import CLUBSample, bpr_loss, info_nce, perturb
+from dgmrec.losses import CLUBSample, bpr_loss, info_nce, linear_mse, perturb
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
 _CHOICES = {
@@ -262,10 +262,10 @@ class DGMRec(Recommender):
             recon = zero
             for j in range(M):
                 dec_in = perturb(torch.cat([f["g"][j], f["s"][j]], dim=1).detach(), self.perturb_scale)
-                decoded, target = self.decoder[j](dec_in), self.features[j]
+                target = self.features[j]
                 if self.recon_observed_only:
-                    decoded, target = decoded[self.observed[:, j]], target[self.observed[:, j]]
-                recon = recon + F.mse_loss(decoded, target)
+                    dec_in, target = dec_in[self.observed[:, j]], target[self.observed[:, j]]
+                recon = recon + linear_mse(dec_in, self.decoder[j], target)
             parts["recon"] = self.w["recon"] * recon
 
         if self.club_mods:
