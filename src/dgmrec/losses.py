@@ -37,7 +37,8 @@ class _CosineNCE(torch.autograd.Function):
     block = 128
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, inv_tau: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, inv_tau: float,  # type: ignore[override]
+                ids_a: torch.Tensor | None = None, ids_b: torch.Tensor | None = None) -> torch.Tensor:
         n = a.shape[0]
         shift = torch.full((1,), -inv_tau, dtype=a.dtype, device=a.device)
         grad_a = torch.empty_like(a)
@@ -46,6 +47,13 @@ class _CosineNCE(torch.autograd.Function):
         for s in range(0, n, _CosineNCE.block):
             a_blk = a[s:s + _CosineNCE.block]
             expo = torch.addmm(shift, a_blk, b.T, alpha=inv_tau).exp_()
+            if ids_a is not None and ids_b is not None:
+                # another row with the same id on either side is a false negative: leave it out
+                same = (ids_a[s:s + _CosineNCE.block, None] == ids_a[None, :]) | (
+                    ids_b[s:s + _CosineNCE.block, None] == ids_b[None, :])
+                rows = torch.arange(same.shape[0], device=same.device)
+                same[rows, rows + s] = False
+                expo.masked_fill_(same, 0.0)
             denom = expo.sum(dim=1, keepdim=True)
             log_denom[s:s + _CosineNCE.block] = denom.squeeze(1).log()
             expo.div_(denom)  # softmax rows P
@@ -62,15 +70,19 @@ class _CosineNCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         grad_a, grad_b = ctx.saved_tensors
-        return grad_a * grad, grad_b * grad, None
+        return grad_a * grad, grad_b * grad, None, None, None
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float,
+             ids: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One-directional InfoNCE with in-batch negatives: rows of ``a`` vs all rows of ``b`` (cosine / tau).
 
-    ``mean_i -log( exp(cos(a_i, b_i)/tau) / sum_j exp(cos(a_i, b_j)/tau) )``; duplicates are not removed.
+    ``mean_i -log( exp(cos(a_i, b_i)/tau) / sum_j exp(cos(a_i, b_j)/tau) )``. By default duplicates in the batch
+    count as negatives (the reference behaviour); with ``ids = (ids_a, ids_b)`` every ``j != i`` whose row shares
+    an id with row ``i`` on either side is left out of the denominator.
     """
-    return _CosineNCE.apply(F.normalize(a, dim=1), F.normalize(b, dim=1), 1.0 / temperature)
+    ids_a, ids_b = ids if ids is not None else (None, None)
+    return _CosineNCE.apply(F.normalize(a, dim=1), F.normalize(b, dim=1), 1.0 / temperature, ids_a, ids_b)
 
 
 def perturb(x: torch.Tensor, scale: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -51,6 +51,7 @@ _CHOICES = {
     "inter_user_pairs": ("first_pair", "cyclic"),
     "intra_specific": ("reference", "specific"),
     "new_item_generation": ("auto", "new"),
+    "nce_duplicates": ("keep", "mask"),
 }
 
 
@@ -240,7 +241,11 @@ class DGMRec(Recommender):
     # ----------------------------------------------------------------------------------------- loss
     def loss(self, batch: Batch) -> LossOutput:
         f = self.forward_all(self.train_graphs, users=batch.users)
-        p, n = batch.pos, batch.neg
+        u, p, n = batch.users, batch.pos, batch.neg
+        mask_dups = self.opts["nce_duplicates"] == "mask"
+        ui_ids = (u, p) if mask_dups else None
+        uu_ids = (u, u) if mask_dups else None
+        pp_ids = (p, p) if mask_dups else None
         B, M, d = len(p), self.M, self.d
         # gather every batch row once (one index backward per table instead of one per tensor)
         item_tab = torch.cat([f["item"], f["i_cf"], *f["g"], *f["s"]], dim=1)
@@ -283,21 +288,22 @@ class DGMRec(Recommender):
                     inter = inter + info_nce(raw_g[a], raw_g[b], self.tau_inter)
             user_pairs = [(0, 1)] if self.opts["inter_user_pairs"] == "first_pair" else pairs
             for a, b in user_pairs:
-                inter = inter + info_nce(u_g[a], u_g[b], self.tau_inter)
+                inter = inter + info_nce(u_g[a], u_g[b], self.tau_inter, uu_ids)
             parts["inter"] = self.w["interModal"] * inter
 
         sum_user_g = torch.stack(u_g).sum(0)
         sum_item_g = torch.stack(p_g).sum(0)
         if self.w["intraModal"]:
-            intra = info_nce(u_cf, p_cf, self.tau_intra) + info_nce(sum_user_g, sum_item_g, self.tau_inter)
+            intra = info_nce(u_cf, p_cf, self.tau_intra, ui_ids) + info_nce(sum_user_g, sum_item_g, self.tau_inter,
+                                                                              ui_ids)
             for j in range(M):
                 use_general = self.opts["intra_specific"] == "reference" and M >= 3 and j == 2
                 a, b = (u_g[j], p_g[j]) if use_general else (u_s[j], p_s[j])
-                intra = intra + info_nce(a, b, self.tau_intra)
+                intra = intra + info_nce(a, b, self.tau_intra, ui_ids)
             parts["intra"] = self.w["intraModal"] * intra
 
         if self.w["alignBM"]:
-            bm = info_nce(p_cf, sum_item_g, self.tau_bm) + info_nce(u_cf, sum_user_g, self.tau_bm)
+            bm = info_nce(p_cf, sum_item_g, self.tau_bm, pp_ids) + info_nce(u_cf, sum_user_g, self.tau_bm, uu_ids)
             parts["bm"] = self.w["alignBM"] * bm
 
         if self.missing_setting and self.w["additive"]:
