@@ -47,14 +47,28 @@ def test_deterministic(name, small2, tmp_path):
 
 @pytest.mark.parametrize(("name", "options"), [
     ("LGMRec", {"lgmrec_eval_gumbel": "sample", "lgmrec_item_cl_rows": "positives", "lgmrec_hcl_detach_cf": True}),
-    ("DAMRS", {"damrs_isolate_missing": True, "damrs_nd_rows": "complete", "damrs_pseudo_k": 3}),
-    ("GUME", {"gume_item_item_edges": True, "gume_vt_rows": "all_nodes", "gume_item_cl_rows": "positives",
-              "gume_knn_isolation": "after_topk"}),
+    ("DAMRS", {"damrs_isolate_missing": "always", "damrs_nd_rows": "all", "damrs_pseudo_k": 3,
+               "damrs_nd_scale": 2.0}),
+    ("GUME", {"gume_item_item_edges": True, "gume_vt_rows": "items_complete", "gume_item_cl_rows": "positives",
+              "gume_knn_isolation": "before_topk"}),
 ])
 def test_options_run(name, options, small3):
     model = make_model(name, small3, **options)
     check_shapes(model, small3)
     check_gradients(make_model(name, small3, **options), small3)
+
+
+def test_auto_options_follow_the_release_paths(small2, small3):
+    two, three = make_model("DAMRS", small2), make_model("DAMRS", small3)
+    assert (two.pseudo_k, two.nd_rows, two.nd_scale) == (10, "all", 1.0)
+    assert (three.pseudo_k, three.nd_rows, three.nd_scale) == (three.knn_k, "complete", 0.5)
+    # two modalities: no isolation, so the (identical, mean-imputed) missing items link to each other
+    missing = np.flatnonzero(~small2.observed[:, 0])
+    assert np.count_nonzero(two.infer_views[0].scipy[missing][:, missing].toarray()) > len(missing)
+    iso = three.infer_views[0].scipy[np.flatnonzero(~small3.observed[:, 0])].toarray()
+    assert (np.count_nonzero(iso, axis=1) == 1).all()
+    assert make_model("LGMRec", small2).item_cl_rows == "complete"
+    assert make_model("LGMRec", small3).item_cl_rows == "positives"
 
 
 def test_lgmrec_scoring_is_deterministic_by_default(small2):

@@ -30,7 +30,7 @@ from dgmrec.graphs import (
 from dgmrec.losses import sym_bernoulli_kl, weighted_bpr_loss
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
-_CHOICES = {"damrs_nd_rows": ("all", "complete")}
+_CHOICES = {"damrs_nd_rows": ("auto", "all", "complete"), "damrs_isolate_missing": ("auto", "never", "always")}
 
 
 def _binary_graph(rows: np.ndarray, cols: np.ndarray, n: int, self_loops: bool = False) -> sp.csr_matrix:
@@ -100,18 +100,19 @@ class DAMRS(Recommender):
     column removed, self-loop kept), scoring uses graphs that include them, and pseudo-label candidates are
     the old items.
 
-    Options (default = the DGMRec release's two-modality code)
-    ---------------------------------------------------------
+    Options (defaults reproduce the DGMRec release; ``auto`` picks its two- or three-modality code path)
+    ------------------------------------------------------------------------------------------------
     ``damrs_isolate_missing``
-        ``false`` (default): no isolation, so with mean imputation all items missing a modality are identical
-        in it and become each other's neighbours. ``true`` (the release's three-modality TikTok path): items
-        missing modality ``m`` keep only a self-loop in graph ``m`` (after the denoising mask, before top-k).
-    ``damrs_nd_rows``
-        ``all`` (default): the neighbour-discrimination rows are all unique batch items. ``complete`` (the
-        release's three-modality path): only batch positives observed in every modality (that path also scales
-        the term by 0.5: halve ``neighbor_weight`` to match it).
+        ``never``: no isolation, so with mean imputation all items missing a modality are identical in it and
+        become each other's neighbours (the release's two-modality path). ``always`` (its three-modality
+        TikTok path): items missing modality ``m`` keep only a self-loop in graph ``m`` (after the denoising
+        mask, before top-k). ``auto`` (default): ``never`` for two modalities, ``always`` otherwise.
+    ``damrs_nd_rows``, ``damrs_nd_scale``
+        ``all``: the neighbour-discrimination rows are all unique batch items; ``complete``: only batch
+        positives observed in every modality. Scale: an extra factor on the term. ``auto`` / 0 (default):
+        ``all`` and 1 for two modalities, ``complete`` and 0.5 otherwise (the release's two paths).
     ``damrs_pseudo_k``
-        pseudo-label set size: 10 in the release's two-modality path; its three-modality path uses ``knn_k``.
+        pseudo-label set size; 0 (default) = the release's choice: 10 with two modalities, ``knn_k`` otherwise.
     ``cooc_k``, ``cooc_min_shared``
         the co-occurrence graph of DA-MRS's builder (10 neighbours, >= 2 shared users). The release reads a
         precomputed ``item_graph_dict.npy`` that it neither ships nor builds; here it is built from the
@@ -137,8 +138,15 @@ class DAMRS(Recommender):
         self.kl_weight = float(c["kl_weight"])
         self.neighbor_weight = float(c["neighbor_weight"])
         self.nd_temperature = float(c["nd_temperature"])
-        self.pseudo_k = int(c["damrs_pseudo_k"])
+        # "auto" options follow the release: its two-modality path, or its three-modality (TikTok) path
+        two = self.M == 2
+        self.pseudo_k = int(c["damrs_pseudo_k"]) or (10 if two else self.knn_k)
         self.nd_rows = str(c["damrs_nd_rows"])
+        if self.nd_rows == "auto":
+            self.nd_rows = "all" if two else "complete"
+        self.nd_scale = float(c["damrs_nd_scale"]) or (1.0 if two else 0.5)
+        isolate = str(c["damrs_isolate_missing"])
+        isolate_missing = isolate == "always" or (isolate == "auto" and not two)
 
         obs = data.observed_np()
         new = data.new_items_np()
@@ -150,8 +158,7 @@ class DAMRS(Recommender):
 
         self.ui_adj = SparseOp(normalized_adjacency(data.train, eps=1e-7), data.device)
         feats = [data.features[m].detach().float() for m in self.modalities]
-        missing = [~obs[:, j] if bool(c["damrs_isolate_missing"]) else np.zeros(self.n_items, dtype=bool)
-                   for j in range(self.M)]
+        missing = [~obs[:, j] if isolate_missing else np.zeros(self.n_items, dtype=bool) for j in range(self.M)]
         k = self.knn_k
         infer = [_binary_graph(r, cc, self.n_items) for r, cc in denoised_knn_edges(feats, k, isolate=missing)]
         if new.any():
@@ -276,7 +283,7 @@ class DAMRS(Recommender):
                 rows = torch.unique(pos)
                 rows = rows[self.complete[rows]]
             if len(rows):
-                parts["nd"] = self.neighbor_weight * self._neighbour_discrimination(views, rows)
+                parts["nd"] = self.neighbor_weight * self.nd_scale * self._neighbour_discrimination(views, rows)
         if self.kl_weight:
             uu = F.embedding(torch.unique(users), u_cf)
             logits_cf = uu @ F.normalize(F.embedding(items, i_cf), dim=1).T

@@ -26,7 +26,7 @@ from dgmrec.losses import bpr_loss, info_nce, moment_alignment, perturb, sq_reg
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
 _CHOICES = {
-    "gume_knn_isolation": ("before_topk", "after_topk"),
+    "gume_knn_isolation": ("auto", "before_topk", "after_topk"),
     "gume_vt_rows": ("reference", "items_complete", "all_nodes"),
     "gume_item_cl_rows": ("complete", "positives"),
     "gume_new_item_mask": ("reference", "zero_rows"),
@@ -94,8 +94,8 @@ class GUME(Recommender):
     new items out (and, like the reference, do not isolate missing items), new items' gated embeddings are
     zeroed during training, and scoring uses the graphs above.
 
-    Options (default = the DGMRec release's two-modality code)
-    ---------------------------------------------------------
+    Options (defaults reproduce the DGMRec release; ``auto`` picks its two- or three-modality code path)
+    ------------------------------------------------------------------------------------------------
     ``gume_item_item_edges``
         ``false`` (default): no item-item block (the release's two-modality code has the intersection routine
         commented out, so ``A+`` is the plain user-item graph). ``true``: GUME's enhancement (the original
@@ -109,9 +109,10 @@ class GUME(Recommender):
         ``complete`` (default): unique batch positives observed in every modality. ``positives``: every batch
         positive (original GUME).
     ``gume_knn_isolation``
-        ``before_topk`` (default, two-modality release): missing items are removed from the candidates, so
-        observed items keep ``k`` observed neighbours. ``after_topk`` (the release's three-modality path):
-        top-k first, then missing rows/columns are cut (observed items may keep fewer than ``k``).
+        ``before_topk`` (the release's two-modality path): missing items are removed from the candidates, so
+        observed items keep ``k`` observed neighbours. ``after_topk`` (its three-modality path): top-k first,
+        then missing rows/columns are cut (observed items may keep fewer than ``k``). ``auto`` (default): the
+        former for two modalities, the latter otherwise.
     ``gume_new_item_mask``
         ``reference`` (default): in new-item training the gated embeddings are masked inside ``no_grad``, so
         the feature tables and gates receive no gradient at all in that setting (the release's behaviour).
@@ -150,7 +151,10 @@ class GUME(Recommender):
         self.register_buffer("old_items", torch.from_numpy((~new).astype(np.float32))[:, None], persistent=False)
 
         # ------------------------------------------------------------- graphs
-        before = self.opts["gume_knn_isolation"] == "before_topk"
+        isolation = self.opts["gume_knn_isolation"]
+        if isolation == "auto":  # the release's two- and three-modality code paths
+            isolation = "before_topk" if self.M == 2 else "after_topk"
+        before = isolation == "before_topk"
         n = self.n_items
         score_raw, train_raw = [], []
         for j, m in enumerate(self.modalities):

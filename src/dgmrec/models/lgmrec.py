@@ -24,7 +24,7 @@ from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
 _CHOICES = {
     "lgmrec_eval_gumbel": ("none", "sample"),
-    "lgmrec_item_cl_rows": ("complete", "positives"),
+    "lgmrec_item_cl_rows": ("auto", "complete", "positives"),
 }
 
 
@@ -58,24 +58,27 @@ class LGMRec(Recommender):
     Imputed feature rows are used as they are, both for MGE and for the hyperedge assignments; only the
     item-side contrast looks at the mask (``lgmrec_item_cl_rows``).
 
-    Options (default = the DGMRec release's two-modality code)
-    ---------------------------------------------------------
+    Options (defaults reproduce the DGMRec release; ``auto`` picks its two- or three-modality code path)
+    ------------------------------------------------------------------------------------------------
     ``lgmrec_eval_gumbel``
         ``none`` (default): scoring uses the noise-free ``softmax(a / tau)`` assignments, so evaluation is
         deterministic. ``sample``: like the reference, Gumbel noise is drawn at evaluation too (once per
         evaluation pass, from a dedicated seeded generator, so training randomness is not disturbed; the
         reference even redraws it for every batch of users).
     ``lgmrec_item_cl_rows``
-        ``complete`` (default): rows are the *unique* batch positives observed in every modality and the
-        negatives are all complete items (the release's two-modality path). ``positives``: every batch
-        positive (duplicates kept) against all items (the release's three-modality path and MMRec).
+        ``complete``: rows are the *unique* batch positives observed in every modality and the negatives are
+        all complete items (the release's two-modality path). ``positives``: every batch positive (duplicates
+        kept) against all items (the release's three-modality path and MMRec). ``auto`` (default): the
+        former for two modalities, the latter otherwise.
     ``lgmrec_hcl_detach_cf``
         ``false`` (default, reference and paper): the hypergraph convolution reads the collaborative item
         embeddings with gradient, so the contrast also trains the ID embeddings through
         :math:`\Lambda = \tilde\Pi_i^\top C_i`. ``true`` (our addition): it reads them detached. On TikTok
-        the summed contrast's gradient on the ID embeddings is about 100x that of BPR (and the image
-        hyperedges collapse to one, the features being non-negative), which is why the released TikTok
-        configuration stops learning after the first epoch; detaching removes that interference.
+        (image + audio) the summed contrast's gradient on the ID embeddings is about 100x that of BPR at
+        initialisation, and the image hyperedges collapse onto one (non-negative features, so every item's
+        logits share one dominant direction): validation recall falls after the first epoch and only
+        recovers ~15 epochs later, which is why the reference run early-stopped with its best at epoch 0.
+        Detaching removes the drop (but the model still peaks early on that data).
     """
 
     name = "LGMRec"
@@ -103,6 +106,8 @@ class LGMRec(Recommender):
         self.tau = float(c["tau"])
         self.eval_gumbel = str(c["lgmrec_eval_gumbel"])
         self.item_cl_rows = str(c["lgmrec_item_cl_rows"])
+        if self.item_cl_rows == "auto":  # the release's two- and three-modality code paths
+            self.item_cl_rows = "complete" if self.M == 2 else "positives"
         self.hcl_detach_cf = bool(c["lgmrec_hcl_detach_cf"])
         # modality pairs of the hypergraph contrast: a cycle (a single pair for two modalities)
         self.pairs = [(j, (j + 1) % self.M) for j in range(self.M if self.M > 2 else 1)]
