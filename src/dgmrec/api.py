@@ -135,7 +135,9 @@ def load_run(run_dir: str | Path, device: str | None = "cpu", data: str | Path |
                       mask_letters=run.get("mask_letters") or None, setting=run.get("setting", "missing"))
     check_fingerprint(state["dataset"], ds, str(run_dir / "best.pt"))
     dev = resolve_device(device)
-    cfg = dict(state["config"])
+    # options added after the run was trained take their defaults
+    defaults, _ = resolve_config(state["model_name"], ds.name, use_best=False)
+    cfg = {**defaults, **state["config"]}
     torch.manual_seed(int(cfg.get("seed", 0)))
     model = build_model(state["model_name"], ds, cfg, dev)
     try:
