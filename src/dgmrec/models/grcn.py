@@ -70,6 +70,7 @@ class GRCN(Recommender):
     """
 
     name = "GRCN"
+    min_modalities = 1
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)
@@ -98,8 +99,7 @@ class GRCN(Recommender):
         for layer in self.mlp:
             nn.init.xavier_normal_(layer.weight)
         self.confidence = nn.Parameter(nn.init.xavier_normal_(torch.empty(n_nodes, len(self.modalities))))
-        self._cache: torch.Tensor | None = None
-        self._stale: torch.Tensor | None = None
+        self._stale: torch.Tensor | None = None  # last training forward (use_stale_cache)
 
     def feature(self, j: int) -> torch.Tensor:
         return getattr(self, f"features_{j}")
@@ -145,18 +145,6 @@ class GRCN(Recommender):
         total = sum(parts.values())
         return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})
 
-    def prepare_eval(self) -> None:
-        if self.use_stale_cache and self._stale is not None:
-            self._cache = self._stale
-            return
-        with torch.no_grad():
-            self._cache = self.forward_all()
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        assert self._cache is not None, "call prepare_eval() first"
-        z = self._cache
-        return z[users] @ z[self.n_users:].T
-
-    def train(self, mode: bool = True) -> GRCN:
-        self._cache = None
-        return super().train(mode)
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self._stale if self.use_stale_cache and self._stale is not None else self.forward_all()
+        return z[: self.n_users], z[self.n_users:]

@@ -76,6 +76,7 @@ class LATTICE(Recommender):
     """
 
     name = "LATTICE"
+    min_modalities = 1
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)
@@ -124,7 +125,6 @@ class LATTICE(Recommender):
                 self.fixed_train.append(self.fixed_eval[-1])
         self._rebuild = True
         self._item_graph: SparseOp | None = None  # detached training item graph of the current epoch
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------ graphs
     def learned_edges(self, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -197,21 +197,11 @@ class LATTICE(Recommender):
         return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})
 
     # ------------------------------------------------------------------------------------------- scoring
-    def prepare_eval(self) -> None:
-        with torch.no_grad():
-            rows, cols, vals = self.learned_edges(training=False)
-            if self.infer_normalize:
-                vals = edge_sym_row_normalize(rows, cols, vals, self.n_items)
-            graph = self._merged_graph(self.fixed_eval, rows, cols, vals)
-            h = self._propagate_items(graph)
-            users, items = self.backbone()
-            self._cache = (users, items + F.normalize(h, dim=1))
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        assert self._cache is not None, "call prepare_eval() first"
-        u, i = self._cache
-        return u[users] @ i.T
-
-    def train(self, mode: bool = True) -> LATTICE:
-        self._cache = None
-        return super().train(mode)
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scoring representations: the learned graph is rebuilt from the current projections (no masking)."""
+        rows, cols, vals = self.learned_edges(training=False)
+        if self.infer_normalize:
+            vals = edge_sym_row_normalize(rows, cols, vals, self.n_items)
+        h = self._propagate_items(self._merged_graph(self.fixed_eval, rows, cols, vals))
+        users, items = self.backbone()
+        return users, items + F.normalize(h, dim=1)

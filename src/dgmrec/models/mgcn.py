@@ -62,6 +62,7 @@ class MGCN(Recommender):
     """
 
     name = "MGCN"
+    min_modalities = 1
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)
@@ -106,7 +107,6 @@ class MGCN(Recommender):
                 self.graphs_train.append(SparseOp(train, data.device))
             else:
                 self.graphs_train.append(self.graphs_eval[-1])
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward_all(self, training: bool) -> dict[str, torch.Tensor]:
         """Final user/item representations plus the side and collaborative views (``(U+I) x d`` each)."""
@@ -152,16 +152,6 @@ class MGCN(Recommender):
         total = sum(parts.values())
         return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})
 
-    def prepare_eval(self) -> None:
-        with torch.no_grad():
-            final = self.forward_all(training=False)["final"]
-            self._cache = (final[: self.n_users], final[self.n_users:])
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        assert self._cache is not None, "call prepare_eval() first"
-        u, i = self._cache
-        return u[users] @ i.T
-
-    def train(self, mode: bool = True) -> MGCN:
-        self._cache = None
-        return super().train(mode)
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        final = self.forward_all(training=False)["final"]
+        return final[: self.n_users], final[self.n_users:]

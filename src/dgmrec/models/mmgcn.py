@@ -25,7 +25,7 @@ from dgmrec.graphs import SparseOp, normalized_adjacency
 from dgmrec.losses import bpr_loss
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
-_CONV_MODES = ("auto", "bias_norm", "plain")
+_CHOICES = {"mmgcn_conv_mode": ("auto", "bias_norm", "plain")}
 _N_LAYERS = 3  # the reference hard-codes three layers (its n_layers key is ignored)
 
 
@@ -115,13 +115,13 @@ class MMGCN(Recommender):
     """
 
     name = "MMGCN"
+    choices = _CHOICES
+    min_modalities = 1
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)
         d = int(config["embedding_size"])
         mode = str(config["mmgcn_conv_mode"])
-        if mode not in _CONV_MODES:
-            raise ConfigError(f"must be one of {', '.join(_CONV_MODES)}, got {mode!r}", source="mmgcn_conv_mode")
         if mode == "auto":
             mode = "bias_norm" if data.n_modalities == 2 else "plain"
         latent = config["mmgcn_latent_dims"] or {}
@@ -144,8 +144,7 @@ class MMGCN(Recommender):
             _ModalityGCN(self.n_users, int(data.features[m].shape[1]), int(latent.get(m, 0)), d,
                          bias_norm=mode == "bias_norm", train_preference=self.train_id)
             for m in self.modalities)
-        self._cache: torch.Tensor | None = None
-        self._stale: torch.Tensor | None = None
+        self._stale: torch.Tensor | None = None  # last training forward (use_stale_cache)
 
     def feature(self, j: int) -> torch.Tensor:
         return getattr(self, f"features_{j}")
@@ -173,18 +172,6 @@ class MMGCN(Recommender):
         total = sum(parts.values())
         return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})
 
-    def prepare_eval(self) -> None:
-        if self.use_stale_cache and self._stale is not None:
-            self._cache = self._stale
-            return
-        with torch.no_grad():
-            self._cache = self.forward_all()
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        assert self._cache is not None, "call prepare_eval() first"
-        z = self._cache
-        return z[users] @ z[self.n_users:].T
-
-    def train(self, mode: bool = True) -> MMGCN:
-        self._cache = None
-        return super().train(mode)
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self._stale if self.use_stale_cache and self._stale is not None else self.forward_all()
+        return z[: self.n_users], z[self.n_users:]
