@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgmrec.errors import ConfigError
 from dgmrec.graphs import (
     SparseOp,
     cooccurrence_edges,
@@ -120,15 +119,11 @@ class DAMRS(Recommender):
     """
 
     name = "DAMRS"
+    choices = _CHOICES
+    min_modalities = 1
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)
-        for key, allowed in _CHOICES.items():
-            if str(config[key]) not in allowed:
-                raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}",
-                                  source=key)
-        if data.n_modalities < 1:
-            raise ConfigError("DAMRS needs at least one modality", source="--modalities")
         c = config
         d = int(c["embedding_size"])
         self.M = data.n_modalities

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgmrec.errors import ConfigError
 from dgmrec.graphs import SparseOp, inverse_degree, knn_edges, lightgcn_propagate, sym_row_normalize
 from dgmrec.losses import bpr_loss, info_nce, moment_alignment, perturb, sq_reg
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
@@ -120,15 +119,11 @@ class GUME(Recommender):
     """
 
     name = "GUME"
+    choices = _CHOICES
+    min_modalities = 2
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)
-        for key, allowed in _CHOICES.items():
-            if str(config[key]) not in allowed:
-                raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}",
-                                  source=key)
-        if data.n_modalities < 2:
-            raise ConfigError("GUME needs at least two modalities", source="--modalities")
         c = config
         d = int(c["embedding_size"])
         self.d = d

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgmrec.errors import ConfigError
 from dgmrec.graphs import SparseOp, lightgcn_propagate, mean_aggregator, normalized_adjacency
 from dgmrec.losses import bpr_loss, emb_norm, gumbel_softmax, triple_info_nce
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
@@ -82,15 +81,11 @@ class LGMRec(Recommender):
     """
 
     name = "LGMRec"
+    choices = _CHOICES
+    min_modalities = 2
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)
-        for key, allowed in _CHOICES.items():
-            if str(config[key]) not in allowed:
-                raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}",
-                                  source=key)
-        if data.n_modalities < 2:
-            raise ConfigError("LGMRec needs at least two modalities", source="--modalities")
         c = config
         d = int(c["embedding_size"])
         self.d = d

@@ -88,13 +88,10 @@ class MILK(Recommender):
     """
 
     name = "MILK"
+    choices = _CHOICES
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)
-        for key, allowed in _CHOICES.items():
-            if str(config[key]) not in allowed:
-                raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}",
-                                  source=key)
         M = data.n_modalities
         if M < 2:
             raise ConfigError("MILK needs at least two modalities", source="--modalities")
