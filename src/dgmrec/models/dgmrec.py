@@ -250,8 +250,9 @@ class DGMRec(Recommender):
         # gather every batch row once (one index backward per table instead of one per tensor)
         item_tab = torch.cat([f["item"], f["i_cf"], *f["g"], *f["s"]], dim=1)
         user_tab = torch.cat([f["user"], f["u_cf"], *f["user_g"], *f["user_s"]], dim=1)
-        ip = F.embedding(p, item_tab).split(d, dim=1)
-        i_n = F.embedding(n, item_tab[:, : 2 * d]).split(d, dim=1)
+        rows = F.embedding(torch.cat([p, n]), item_tab)  # positives and negatives in one gather
+        ip = rows[:B].split(d, dim=1)
+        i_n = rows[B:, : 2 * d].split(d, dim=1)
         uu = user_tab.split(d, dim=1)  # rows are already the batch's users
         p_item, p_cf, p_g, p_s = ip[0], ip[1], ip[2:2 + M], ip[2 + M:]
         n_item, n_cf = i_n
