@@ -151,7 +151,6 @@ class CI2MG(Recommender):
             self.transport_groups.append((m, partner))
             done.update({m} if partner is None else {m, partner})
         self.others = others
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------------------------------- forward
     def features(self, j: int) -> torch.Tensor:
@@ -224,16 +223,6 @@ class CI2MG(Recommender):
         return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})
 
     # ---------------------------------------------------------------------------------------- scoring
-    def prepare_eval(self) -> None:
-        with torch.no_grad():
-            f = self.forward_all()
-            self._cache = (f["user"], f["item"])
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        assert self._cache is not None, "call prepare_eval() first"
-        user, item = self._cache
-        return user[users] @ item.T
-
-    def train(self, mode: bool = True) -> CI2MG:
-        self._cache = None
-        return super().train(mode)
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.forward_all()
+        return f["user"], f["item"]

@@ -168,7 +168,6 @@ class DAMRS(Recommender):
 
         self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, d)))
         self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._buffers_nd: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------------------------------ forward
@@ -288,18 +287,11 @@ class DAMRS(Recommender):
         return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})
 
     # ------------------------------------------------------------------------------------------ scoring
-    def prepare_eval(self) -> None:
-        with torch.no_grad():
-            u_cf, i_cf, views = self.propagate(self.infer_views)
-            self._cache = (u_cf, i_cf + torch.stack(views).mean(0))
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        assert self._cache is not None, "call prepare_eval() first"
-        u, i = self._cache
-        return u[users] @ i.T
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        u_cf, i_cf, views = self.propagate(self.infer_views)
+        return u_cf, i_cf + torch.stack(views).mean(0)
 
     def train(self, mode: bool = True) -> DAMRS:
-        self._cache = None
         if not mode:
             self._buffers_nd = []
         return super().train(mode)

@@ -181,7 +181,6 @@ class GUME(Recommender):
         self.space = nn.ModuleList(nn.Linear(d, d) for _ in range(self.M))
         self.behaviour = nn.ModuleList(nn.Linear(d, d) for _ in range(self.M))
         self.coarse = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 1, bias=False))
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------ forward
     def forward_all(self, training: bool) -> dict[str, torch.Tensor]:
@@ -266,16 +265,6 @@ class GUME(Recommender):
         return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})
 
     # ------------------------------------------------------------------------------------------ scoring
-    def prepare_eval(self) -> None:
-        with torch.no_grad():
-            f = self.forward_all(training=False)
-            self._cache = (f["user"], f["item"])
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        assert self._cache is not None, "call prepare_eval() first"
-        u, i = self._cache
-        return u[users] @ i.T
-
-    def train(self, mode: bool = True) -> GUME:
-        self._cache = None
-        return super().train(mode)
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.forward_all(training=False)
+        return f["user"], f["item"]

@@ -128,7 +128,6 @@ class LGMRec(Recommender):
         self.hyperedges = nn.ParameterList(
             nn.Parameter(nn.init.xavier_uniform_(torch.empty(dm, self.K))) for dm in dims)
         self.eval_generator = torch.Generator(device=data.device).manual_seed(int(c["seed"]))
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------ forward
     def feature(self, j: int) -> torch.Tensor:
@@ -209,19 +208,9 @@ class LGMRec(Recommender):
         return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})
 
     # ------------------------------------------------------------------------------------------ scoring
-    def prepare_eval(self) -> None:
-        with torch.no_grad():
-            f = self.forward_all()
-            self._cache = (f["user"], f["item"])
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        assert self._cache is not None, "call prepare_eval() first"
-        u, i = self._cache
-        return u[users] @ i.T
-
-    def train(self, mode: bool = True) -> LGMRec:
-        self._cache = None
-        return super().train(mode)
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.forward_all()
+        return f["user"], f["item"]
 
     # ------------------------------------------------------------------------------------ checkpointing
     def get_extra_state(self) -> dict[str, Any]:

@@ -92,7 +92,6 @@ class SIBRAR(Recommender):
         available = torch.cat([torch.ones(self.n_items, 1, dtype=torch.bool), data.observed.detach().cpu().bool()],
                               dim=1)
         self.register_buffer("available", available.to(data.device), persistent=False)
-        self._cache: torch.Tensor | None = None
 
     # ---------------------------------------------------------------------------------------- forward
     def embed(self, items: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,14 +136,5 @@ class SIBRAR(Recommender):
         w = self.available.T.unsqueeze(-1).to(emb.dtype)  # (M + 1, n, 1)
         return (emb * w).sum(0) / w.sum(0)
 
-    def prepare_eval(self) -> None:
-        with torch.no_grad():
-            self._cache = self.item_vectors()
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        assert self._cache is not None, "call prepare_eval() first"
-        return self.user_embedding[users] @ self._cache.T
-
-    def train(self, mode: bool = True) -> SIBRAR:
-        self._cache = None
-        return super().train(mode)
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.user_embedding, self.item_vectors()
