@@ -129,11 +129,16 @@ def retrieval(
     run: Annotated[Path, typer.Option("--run", help="Run directory of DGMRec.")],
     truth: Annotated[Path, typer.Option("--truth", help="Folder with the true <modality>_feat.npy files.")],
     nn_k: Annotated[int, typer.Option("--nn-k", help="Neighbours of the NN-imputation baseline.")] = 10,
+    similarity: Annotated[str, typer.Option(
+        "--similarity", help="centered (cosine after removing the observed mean feature) or cosine.")] = "centered",
     out: Annotated[Path | None, typer.Option("--out", help="JSON file for the results.")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Cross-modal retrieval Hit@10/@20 of generated features vs the nearest-neighbour baseline."""
-    from dgmrec.experiments.retrieval import cross_modal_retrieval, load_truth
+    from dgmrec.experiments.retrieval import SIMILARITIES, cross_modal_retrieval, load_truth
+
+    if similarity not in SIMILARITIES:
+        raise InputError(f"must be one of {', '.join(SIMILARITIES)}, got {similarity!r}", source="--similarity")
 
     lr = api.load_run(run, device)
     gen = lr.model.generate_for_retrieval()
@@ -141,14 +146,21 @@ def retrieval(
         raise InputError(f"model {lr.model.name} does not generate features", source="--run")
     ds = lr.dataset
     res = cross_modal_retrieval({m: v.detach().cpu().numpy() for m, v in gen.items()}, ds.observed,
-                                ds.modalities, load_truth(truth, ds.modalities, ds.n_items), nn_k=nn_k)
-    table = Table(title=f"Cross-modal retrieval ({lr.model.name}, {ds.name})")
+                                ds.modalities, load_truth(truth, ds.modalities, ds.n_items), nn_k=nn_k,
+                                similarity=similarity)
+    chance = res["chance"]
+    table = Table(title=f"Cross-modal retrieval ({lr.model.name}, {ds.name}, {similarity} similarity; "
+                        f"chance Hit@10 {chance['hit@10']:.4f})")
     for col in ("modality", "missing", "items", "generated_hit@10", "nn_hit@10", "generated_hit@20", "nn_hit@20"):
         table.add_column(col, justify="right")
     for r in res["rows"]:
         table.add_row(*[(f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, "–")))
                         for c in ("modality", "missing", "items", "generated_hit@10", "nn_hit@10",
                                   "generated_hit@20", "nn_hit@20")])
+    for level, summary in sorted(res["by_missing_level"].items()):
+        table.add_row("all", level, "", *[(f"{summary[c]:.4f}" if c in summary else "–")
+                                          for c in ("generated_hit@10", "nn_hit@10", "generated_hit@20",
+                                                    "nn_hit@20")])
     console.print(table)
     target = out or Path(run) / "retrieval.json"
     target.write_text(json.dumps(res, indent=2))

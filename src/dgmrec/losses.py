@@ -240,6 +240,57 @@ def moment_alignment(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.var() - b.var()).abs() + (a.mean() - b.mean()).abs()
 
 
+class TableGradient:
+    """Hand-off of one step's reconstruction gradient to the encoder reading the same feature table.
+
+    A trainable feature table ``X`` gets gradient from two places: the encoder ``X W^T + b`` (``dY W``) and a
+    reconstruction loss whose target is ``X`` itself. Added by autograd, each is a fresh ``n x d`` tensor and
+    their sum a third; with wide features (4,096-d) these passes dominate a training step. When both nodes share
+    a ``TableGradient``, the reconstruction node leaves its (already scaled) gradient here and the encoder node
+    adds ``dY W`` into that buffer in place (one GEMM, no further ``n x d`` tensors). If autograd happens to run
+    the encoder first, each node returns its own gradient as usual: the result is the same either way.
+    """
+
+    def __init__(self) -> None:
+        self.pending: torch.Tensor | None = None
+        self.encoder_done = False
+
+
+class _TableLinear(torch.autograd.Function):
+    """``x W^T + b`` whose input gradient absorbs a pending reconstruction gradient (see :class:`TableGradient`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,  # type: ignore[override]
+                hand_off: TableGradient) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.hand_off = hand_off
+        return torch.addmm(bias, x, weight.T)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        hand_off: TableGradient = ctx.hand_off
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if hand_off.pending is not None:
+                grad_x = hand_off.pending.addmm_(grad, weight)
+                hand_off.pending = None
+            else:
+                grad_x = grad @ weight
+        hand_off.encoder_done = True
+        grad_w = grad.T @ x if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+def table_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 hand_off: TableGradient | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; with ``hand_off`` its gradient for ``x`` is fused with a reconstruction's."""
+    if hand_off is None:
+        return F.linear(x, weight, bias)
+    return _TableLinear.apply(x, weight, bias, hand_off)
+
+
 class _LinearMSE(torch.autograd.Function):
     """``mean((x W^T + b - y)^2)`` computed in row blocks, producing every gradient during the forward pass.
 
@@ -251,7 +302,8 @@ class _LinearMSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,  # type: ignore[override]
-                y: torch.Tensor) -> torch.Tensor:
+                y: torch.Tensor, hand_off: TableGradient | None = None) -> torch.Tensor:
+        ctx.hand_off = hand_off
         n, d_out = y.shape
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         grad_w = torch.zeros_like(weight)
@@ -284,9 +336,17 @@ class _LinearMSE(torch.autograd.Function):
         # the saved gradients belong to this node alone: scale them in place (no new n x d tensors)
         grad_x = rest.pop(0).mul_(g) if ctx.has[0] else None
         grad_y = rest.pop(0).mul_(-g) if ctx.has[1] else None
-        return grad_x, grad_w * g, grad_b * g, grad_y
+        hand_off: TableGradient | None = ctx.hand_off
+        if grad_y is not None and hand_off is not None and not hand_off.encoder_done:
+            hand_off.pending, grad_y = grad_y, None  # the encoder node adds its part and returns the sum
+        return grad_x, grad_w * g, grad_b * g, grad_y, None
 
 
-def linear_mse(x: torch.Tensor, layer: nn.Linear, target: torch.Tensor) -> torch.Tensor:
-    """``F.mse_loss(layer(x), target)`` without materialising the decoded matrix (see :class:`_LinearMSE`)."""
-    return _LinearMSE.apply(x, layer.weight, layer.bias, target)
+def linear_mse(x: torch.Tensor, layer: nn.Linear, target: torch.Tensor,
+               hand_off: TableGradient | None = None) -> torch.Tensor:
+    """``F.mse_loss(layer(x), target)`` without materialising the decoded matrix (see :class:`_LinearMSE`).
+
+    ``hand_off`` (only when ``target`` is a whole table that an encoder also reads through :func:`table_linear`
+    with the same object) fuses the two gradients of the table.
+    """
+    return _LinearMSE.apply(x, layer.weight, layer.bias, target, hand_off)

@@ -16,7 +16,19 @@ deviation is an option (see ``configs/models/DGMRec.yaml``):
 
 ``trainable_raw_features``, ``preference_mode``, ``infer_graph``, ``write_policy``, ``refresh_rows``,
 ``missing_source_policy``, ``club_modalities``, ``inter_user_pairs``, ``intra_specific``,
-``recon_observed_only``, ``generation_warmup``, ``zero_new_item_cf``, ``new_item_generation``.
+``recon_observed_only``, ``generation_warmup``, ``zero_new_item_cf``, ``new_item_generation``,
+``nce_duplicates``, ``generation_space``, ``recon_target``, ``decoder_fit``.
+
+Generation spaces. The reference trains the translator on filtered, propagated general features and the
+specific generator on raw specific features, decodes filtered, propagated features, but generates from raw
+general features and propagates the generated parts before decoding (spec 9.15). ``propagated`` makes every
+step use the filtered, propagated features (the paper's Eq. 10-14); ``raw`` makes every step use the raw
+encoder outputs (decoder = autoencoder over the encoders). With ``recon_target: original`` the decoder learns
+the original features of observed items (a frozen copy) instead of the drifting trainable table, so
+generated rows live in the original feature space. The decoder is linear and its reconstruction loss is a
+least-squares problem in its weights; ``decoder_fit: least_squares`` solves it exactly (ridge-regularised)
+before every generation instead of taking gradient steps, which a few thousand Adam steps on inputs of tiny
+variance (sigmoid outputs) do not reach.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgmrec.errors import ConfigError
 from dgmrec.graphs import (
     SparseOp,
     blend_rows,
@@ -38,7 +51,7 @@ from dgmrec.graphs import (
     mean_aggregator,
     normalized_adjacency,
 )
-from dgmrec.losses import CLUBSample, bpr_loss, info_nce, linear_mse, perturb
+from dgmrec.losses import CLUBSample, TableGradient, bpr_loss, info_nce, linear_mse, perturb, table_linear
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
 _CHOICES = {
@@ -52,6 +65,9 @@ _CHOICES = {
     "intra_specific": ("reference", "specific"),
     "new_item_generation": ("auto", "new"),
     "nce_duplicates": ("keep", "mask"),
+    "generation_space": ("reference", "propagated", "raw"),
+    "recon_target": ("table", "original"),
+    "decoder_fit": ("gradient", "least_squares"),
 }
 
 
@@ -140,6 +156,10 @@ class DGMRec(Recommender):
         for m in self.modalities:
             x = data.features[m].detach().clone().float()
             self.features.append(nn.Parameter(x, requires_grad=self.trainable_raw))
+        self.original_features: list[torch.Tensor] = []
+        if self.opts["recon_target"] == "original":
+            self.original_features = [data.features[m].detach().clone().float().to(self.device)
+                                      for m in self.modalities]
         dims = [int(data.features[m].shape[1]) for m in self.modalities]
         self.general_in = nn.ModuleList(_xavier_linear(dm, d) for dm in dims)  # h_m
         self.specific_enc = nn.ModuleList(_xavier_linear(dm, d) for dm in dims)  # f_{s,m}
@@ -152,6 +172,14 @@ class DGMRec(Recommender):
         self.specific_generator = nn.ModuleList(_mlp(d, d) for _ in dims)  # Gamma^s_m
         self.translator = nn.ModuleList(_mlp((M - 1) * d, d) for _ in dims)  # Gamma^g_m
         self.decoder = nn.ModuleList(_xavier_linear(2 * d, dm) for dm in dims)  # D_m
+        self.decoder_ridge = float(c["decoder_ridge"])
+        if self.opts["decoder_fit"] == "least_squares" and self.opts["generation_space"] == "reference":
+            raise ConfigError("decoder_fit=least_squares needs generation_space raw or propagated (the reference "
+                              "space decodes inputs unlike the ones the decoder is fitted on)", source="decoder_fit")
+        if self.decoder_ridge < 0:
+            raise ConfigError(f"must be >= 0, got {self.decoder_ridge}", source="decoder_ridge")
+        if self.opts["decoder_fit"] == "least_squares":
+            self.decoder.requires_grad_(False)
         self.sources = [[(m + s) % M for s in range(1, M)] for m in range(M)]
 
         # CLUB estimators live outside the main optimiser (their own Adam)
@@ -195,11 +223,12 @@ class DGMRec(Recommender):
         return x
 
     # ------------------------------------------------------------------------------------- encoders
-    def encode(self, j: int, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, j: int, x: torch.Tensor | None = None,
+               hand_off: TableGradient | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw general and specific features of modality ``j`` (one fused matmul over the feature table)."""
         x = self.features[j] if x is None else x
         h, fs = self.general_in[j], self.specific_enc[j]
-        both = F.linear(x, torch.cat([h.weight, fs.weight]), torch.cat([h.bias, fs.bias]))
+        both = table_linear(x, torch.cat([h.weight, fs.weight]), torch.cat([h.bias, fs.bias]), hand_off)
         general = torch.sigmoid(self.general_shared(torch.tanh(both[:, : self.d])))
         specific = torch.sigmoid(both[:, self.d:])
         return general, specific
@@ -212,14 +241,18 @@ class DGMRec(Recommender):
         return torch.sigmoid(self.item_agg @ self.preference_tables[j])
 
     # -------------------------------------------------------------------------------------- forward
-    def forward_all(self, graphs: list[SparseOp], users: torch.Tensor | None = None) -> dict[str, Any]:
-        """Representations of all items and of ``users`` (all users when None); user rows follow ``users``."""
+    def forward_all(self, graphs: list[SparseOp], users: torch.Tensor | None = None,
+                    hand_offs: list[TableGradient] | None = None) -> dict[str, Any]:
+        """Representations of all items and of ``users`` (all users when None); user rows follow ``users``.
+
+        ``hand_offs`` (one per modality) fuse the feature tables' encoder and reconstruction gradients.
+        """
         ego = torch.cat([self.user_embedding, self.item_embedding], dim=0)
         cf = lightgcn_propagate(self.ui_adj, ego, self.n_ui_layers)
         u_cf, i_cf = cf[: self.n_users], cf[self.n_users:]
         raw_g, raw_s, filt, prop_g, prop_s = [], [], [], [], []
         for j in range(self.M):
-            g, s = self.encode(j)
+            g, s = self.encode(j, hand_off=hand_offs[j] if hand_offs else None)
             phi = self.item_filter(j)
             both = self._propagate_mm(graphs[j], torch.cat([phi * g, phi * s], dim=1))
             raw_g.append(g)
@@ -240,7 +273,12 @@ class DGMRec(Recommender):
 
     # ----------------------------------------------------------------------------------------- loss
     def loss(self, batch: Batch) -> LossOutput:
-        f = self.forward_all(self.train_graphs, users=batch.users)
+        fitted_to_original = self.opts["decoder_fit"] == "least_squares" and bool(self.original_features)
+        recon_on = bool(self.w["recon"]) and not fitted_to_original
+        # the table gets gradient from its encoder and from being the reconstruction target: fuse the two
+        fuse = recon_on and self.trainable_raw and not self.original_features and not self.recon_observed_only
+        hand_offs = [TableGradient() for _ in range(self.M)] if fuse else None
+        f = self.forward_all(self.train_graphs, users=batch.users, hand_offs=hand_offs)
         u, p, n = batch.users, batch.pos, batch.neg
         mask_dups = self.opts["nce_duplicates"] == "mask"
         ui_ids = (u, p) if mask_dups else None
@@ -264,14 +302,21 @@ class DGMRec(Recommender):
         parts = {"bpr": bpr, "reg": reg}
         zero = torch.zeros((), device=bpr.device)
 
-        if self.w["recon"]:
+        # a least-squares decoder with a frozen target takes nothing from the reconstruction gradient
+        if recon_on:
             recon = zero
+            space = "raw_" if self.opts["generation_space"] == "raw" else ""
             for j in range(M):
-                dec_in = perturb(torch.cat([f["g"][j], f["s"][j]], dim=1).detach(), self.perturb_scale)
+                dec_in = perturb(torch.cat([f[space + "g"][j], f[space + "s"][j]], dim=1).detach(),
+                                 self.perturb_scale)
+                if self.original_features:
+                    obs = self.observed[:, j]
+                    recon = recon + linear_mse(dec_in[obs], self.decoder[j], self.original_features[j][obs])
+                    continue
                 target = self.features[j]
                 if self.recon_observed_only:
                     dec_in, target = dec_in[self.observed[:, j]], target[self.observed[:, j]]
-                recon = recon + linear_mse(dec_in, self.decoder[j], target)
+                recon = recon + linear_mse(dec_in, self.decoder[j], target, hand_offs[j] if hand_offs else None)
             parts["recon"] = self.w["recon"] * recon
 
         if self.club_mods:
@@ -309,7 +354,10 @@ class DGMRec(Recommender):
 
         if self.missing_setting and self.w["additive"]:
             gen = zero
-            tab = F.embedding(items, torch.cat([*f["raw_s"], *f["filter"], *f["g"]], dim=1)).split(d, dim=1)
+            space = self.opts["generation_space"]
+            spec_key = "s" if space == "propagated" else "raw_s"
+            gen_key = "raw_g" if space == "raw" else "g"
+            tab = F.embedding(items, torch.cat([*f[spec_key], *f["filter"], *f[gen_key]], dim=1)).split(d, dim=1)
             raw_s, filt, gen_g = tab[:M], tab[M:2 * M], tab[2 * M:]
             complete = self.complete[items]
             for j in range(M):
@@ -365,21 +413,58 @@ class DGMRec(Recommender):
     @torch.no_grad()
     def _generate(self, graphs: list[SparseOp], noise: bool = True) -> list[torch.Tensor]:
         """Decoded raw features of every item for every modality, from the current state."""
-        raw = [self.encode(j) for j in range(self.M)]
-        general = [g for g, _ in raw]
+        space = self.opts["generation_space"]
+        least_squares = self.opts["decoder_fit"] == "least_squares"
+        if space == "raw":
+            raw = [self.encode(j) for j in range(self.M)]
+            f = {"raw_g": [g for g, _ in raw], "raw_s": [s for _, s in raw]}
+        elif space == "propagated" or least_squares:  # decoders are fitted on the training graphs' features
+            f = self.forward_all(self.train_graphs if space == "reference" else graphs)
+        else:
+            f = {"raw_g": [self.encode(j)[0] for j in range(self.M)]}
+        if least_squares:
+            self._fit_decoders(f)
+        general = f["g"] if space == "propagated" else f["raw_g"]
         if self.opts["missing_source_policy"] == "observed_mean":
             general = [torch.where(self.observed[:, j:j + 1], g, g[self.observed[:, j]].mean(0, keepdim=True))
                        for j, g in enumerate(general)]
         out = []
         for j in range(self.M):
             src = torch.cat([general[k] for k in self.sources[j]], dim=1)
-            gen_g = self._propagate_mm(graphs[j], self.translator[j](src))
-            gen_s = self._propagate_mm(graphs[j], self.specific_generator[j](self.item_filter(j)))
+            gen_g = self.translator[j](src)
+            gen_s = self.specific_generator[j](self.item_filter(j))
+            if space == "reference":
+                gen_g, gen_s = self._propagate_mm(graphs[j], gen_g), self._propagate_mm(graphs[j], gen_s)
             dec_in = torch.cat([gen_g, gen_s], dim=1)
             if noise:
                 dec_in = perturb(dec_in, self.perturb_scale)
             out.append(self.decoder[j](dec_in))
         return out
+
+    @torch.no_grad()
+    def _fit_decoders(self, f: dict[str, Any]) -> None:
+        """Set every decoder to the ridge least-squares solution of its reconstruction objective."""
+        prefix = "raw_" if self.opts["generation_space"] == "raw" else ""
+        for j, dec in enumerate(self.decoder):
+            z = torch.cat([f[prefix + "g"][j], f[prefix + "s"][j]], dim=1).double()
+            if self.original_features:
+                rows = self.observed[:, j]
+                z, y = z[rows], self.original_features[j][rows].double()
+            elif self.recon_observed_only:
+                rows = self.observed[:, j]
+                z, y = z[rows], self.features[j].detach()[rows].double()
+            else:
+                y = self.features[j].detach().double()
+            if len(z) < 2:
+                continue
+            z_mean, y_mean = z.mean(0), y.mean(0)
+            zc = z - z_mean
+            gram = zc.T @ zc
+            lam = self.decoder_ridge * float(gram.diagonal().mean()) + 1e-12
+            gram.diagonal().add_(lam)
+            w = torch.linalg.solve(gram, zc.T @ (y - y_mean))  # (2d, d_m)
+            dec.weight.copy_(w.T.float())
+            dec.bias.copy_((y_mean - z_mean @ w).float())
 
     @torch.no_grad()
     def _write(self, generated: list[torch.Tensor], rows: list[np.ndarray]) -> None:
