@@ -70,6 +70,18 @@ def test_fused_table_gradient_equals_the_sum_of_both_parts():
         fused = torch.autograd.grad(total, (table, w))
         assert all(torch.allclose(x, y) for x, y in zip(fused, plain, strict=True))
         assert hand_off.pending is None
+    # with a persistent buffer the finished gradient is installed as table.grad, step after step
+    buffer = torch.empty_like(table)
+    for recon_first in (False, True, False):
+        table.grad = None
+        hand_off = TableGradient(table, buffer)
+        if recon_first:
+            total = 0.3 * linear_mse(z, dec, table, hand_off) + encoder_term(hand_off)
+        else:
+            total = encoder_term(hand_off) + 0.3 * linear_mse(z, dec, table, hand_off)
+        total.backward()
+        assert torch.allclose(table.grad, plain[0])
+        assert (table.grad.data_ptr() == buffer.data_ptr()) == (not recon_first)
 
 
 def test_perturb_pushes_away_from_zero_by_at_most_scale():

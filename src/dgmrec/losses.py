@@ -246,14 +246,40 @@ class TableGradient:
     A trainable feature table ``X`` gets gradient from two places: the encoder ``X W^T + b`` (``dY W``) and a
     reconstruction loss whose target is ``X`` itself. Added by autograd, each is a fresh ``n x d`` tensor and
     their sum a third; with wide features (4,096-d) these passes dominate a training step. When both nodes share
-    a ``TableGradient``, the reconstruction node leaves its (already scaled) gradient here and the encoder node
-    adds ``dY W`` into that buffer in place (one GEMM, no further ``n x d`` tensors). If autograd happens to run
-    the encoder first, each node returns its own gradient as usual: the result is the same either way.
+    a ``TableGradient``, the reconstruction node leaves its unscaled gradient here and the encoder node adds
+    ``dY W`` into that buffer in place, scaling it inside the same GEMM (no further ``n x d`` tensors).
+
+    With ``table`` and a persistent ``buffer`` (same shape), the reconstruction writes into ``buffer`` and the
+    encoder installs the finished sum as ``table.grad`` itself (adding to a gradient another node already
+    left there), so no ``n x d`` memory is allocated per step. The buffer is only used while ``table.grad`` is
+    unset (optimisers that zero gradients to ``None``); otherwise, and if autograd happens to run the encoder
+    first, both nodes return their gradients as usual. The result is the same in every case.
     """
 
-    def __init__(self) -> None:
-        self.pending: torch.Tensor | None = None
+    def __init__(self, table: torch.Tensor | None = None, buffer: torch.Tensor | None = None) -> None:
+        self.table = table
+        self.buffer = buffer
+        self.pending: torch.Tensor | None = None  # the unscaled reconstruction gradient ...
+        self.scale = 1.0  # ... and its factor
         self.encoder_done = False
+
+    def target_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """Where the reconstruction writes its gradient: the persistent buffer when it may, else new memory."""
+        b, t = self.buffer, self.table
+        if b is not None and t is not None and t.grad is None and b.shape == like.shape and b.dtype == like.dtype:
+            return b
+        return torch.empty_like(like)
+
+    def install(self, grad: torch.Tensor) -> bool:
+        """Make ``grad`` (the persistent buffer) the table's gradient; False when autograd should take it."""
+        t = self.table
+        if t is None or self.buffer is None or grad.data_ptr() != self.buffer.data_ptr():
+            return False
+        if t.grad is None:
+            t.grad = grad
+        else:
+            t.grad.add_(grad)
+        return True
 
 
 class _TableLinear(torch.autograd.Function):
@@ -273,8 +299,10 @@ class _TableLinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             if hand_off.pending is not None:
-                grad_x = hand_off.pending.addmm_(grad, weight)
+                grad_x = hand_off.pending.addmm_(grad, weight, beta=hand_off.scale)
                 hand_off.pending = None
+                if hand_off.install(grad_x):
+                    grad_x = None
             else:
                 grad_x = grad @ weight
         hand_off.encoder_done = True
@@ -306,21 +334,29 @@ class _LinearMSE(torch.autograd.Function):
         ctx.hand_off = hand_off
         n, d_out = y.shape
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        grad_w = torch.zeros_like(weight)
-        grad_b = torch.zeros_like(bias)
+        block = _LinearMSE.block
+        # the bias rides along as an extra input column of ones: one GEMM gives (x W^T + b - y) per block and
+        # one GEMM the gradient of weight and bias together
+        x_aug = torch.cat([x, x.new_ones(n, 1)], dim=1)
+        w_aug = torch.cat([weight, bias[:, None]], dim=1)
+        grad_wb = torch.zeros_like(w_aug)
         grad_x = torch.empty_like(x) if need_x else None
-        grad_y = torch.empty_like(y) if need_y else None
+        grad_y = None
+        if need_y:  # written block by block below
+            grad_y = hand_off.target_buffer(y) if hand_off is not None else torch.empty_like(y)
+        scratch = None if grad_y is not None else y.new_empty(min(block, n), d_out)
         total = torch.zeros((), dtype=torch.float64, device=y.device)
-        for s in range(0, n, _LinearMSE.block):
-            xb = x[s:s + _LinearMSE.block]
-            diff = torch.addmm(bias, xb, weight.T).sub_(y[s:s + _LinearMSE.block])
-            total += diff.square().sum(dtype=torch.float64)
-            grad_w.addmm_(diff.T, xb)
-            grad_b += diff.sum(dim=0)
+        for s in range(0, n, block):
+            e = min(n, s + block)
+            xb = x_aug[s:e]
+            diff = grad_y[s:e] if grad_y is not None else scratch[: e - s]  # type: ignore[index]
+            torch.addmm(y[s:e], xb, w_aug.T, beta=-1, out=diff)  # written once, in place
+            flat = diff.view(-1)
+            total += torch.dot(flat, flat).double()
+            grad_wb.addmm_(diff.T, xb)
             if grad_x is not None:
-                grad_x[s:s + _LinearMSE.block] = diff @ weight
-            if grad_y is not None:
-                grad_y[s:s + _LinearMSE.block] = diff
+                torch.mm(diff, weight, out=grad_x[s:e])
+        grad_w, grad_b = grad_wb[:, :-1].contiguous(), grad_wb[:, -1].contiguous()
         scale = 2.0 / (n * d_out)
         ctx.save_for_backward(grad_w, grad_b, *(g for g in (grad_x, grad_y) if g is not None))
         ctx.has = (grad_x is not None, grad_y is not None)
@@ -335,10 +371,15 @@ class _LinearMSE(torch.autograd.Function):
         g = grad * ctx.scale
         # the saved gradients belong to this node alone: scale them in place (no new n x d tensors)
         grad_x = rest.pop(0).mul_(g) if ctx.has[0] else None
-        grad_y = rest.pop(0).mul_(-g) if ctx.has[1] else None
-        hand_off: TableGradient | None = ctx.hand_off
-        if grad_y is not None and hand_off is not None and not hand_off.encoder_done:
-            hand_off.pending, grad_y = grad_y, None  # the encoder node adds its part and returns the sum
+        grad_y = None
+        if ctx.has[1]:
+            diff = rest.pop(0)
+            hand_off: TableGradient | None = ctx.hand_off
+            if hand_off is not None and not hand_off.encoder_done:
+                # the encoder node scales it inside its GEMM and returns the sum
+                hand_off.pending, hand_off.scale = diff, -float(g)
+            else:
+                grad_y = diff.mul_(-g)
         return grad_x, grad_w * g, grad_b * g, grad_y, None
 
 

@@ -156,6 +156,7 @@ class DGMRec(Recommender):
         for m in self.modalities:
             x = data.features[m].detach().clone().float()
             self.features.append(nn.Parameter(x, requires_grad=self.trainable_raw))
+        self._table_grad_buffers: list[torch.Tensor] | None = None
         self.original_features: list[torch.Tensor] = []
         if self.opts["recon_target"] == "original":
             self.original_features = [data.features[m].detach().clone().float().to(self.device)
@@ -277,7 +278,11 @@ class DGMRec(Recommender):
         recon_on = bool(self.w["recon"]) and not fitted_to_original
         # the table gets gradient from its encoder and from being the reconstruction target: fuse the two
         fuse = recon_on and self.trainable_raw and not self.original_features and not self.recon_observed_only
-        hand_offs = [TableGradient() for _ in range(self.M)] if fuse else None
+        hand_offs = None
+        if fuse:
+            if self._table_grad_buffers is None:  # persistent gradient buffers of the tables (see TableGradient)
+                self._table_grad_buffers = [torch.empty_like(x) for x in self.features]
+            hand_offs = [TableGradient(x, b) for x, b in zip(self.features, self._table_grad_buffers, strict=True)]
         f = self.forward_all(self.train_graphs, users=batch.users, hand_offs=hand_offs)
         u, p, n = batch.users, batch.pos, batch.neg
         mask_dups = self.opts["nce_duplicates"] == "mask"
