@@ -151,8 +151,8 @@ def retrieval(
     chance = res["chance"]
     table = Table(title=f"Cross-modal retrieval ({lr.model.name}, {ds.name}, {similarity} similarity; "
                         f"chance Hit@10 {chance['hit@10']:.4f})")
-    for col in ("modality", "missing", "items", "generated_hit@10", "nn_hit@10", "generated_hit@20", "nn_hit@20"):
-        table.add_column(col, justify="right")
+    for col in ("modality", "missing", "items", "DGMRec Hit@10", "NN Hit@10", "DGMRec Hit@20", "NN Hit@20"):
+        table.add_column(col.replace("DGMRec", lr.model.name), justify="right")
     for r in res["rows"]:
         table.add_row(*[(f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, "–")))
                         for c in ("modality", "missing", "items", "generated_hit@10", "nn_hit@10",
