@@ -100,7 +100,7 @@ def test_retrieval_command(trained, folder, tmp_path, capsys):
     assert code == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert "generated_hit@10" in res["by_missing_level"]["1"] and "nn_hit@10" in res["by_missing_level"]["1"]
-    assert res["similarity"] == "centered" and res["chance"]["hit@10"] > 0
+    assert res["similarity"] == "cosine" and res["chance"]["hit@10"] > 0
     bad(capsys, ["retrieval", "--run", str(trained), "--truth", str(folder), "--similarity", "dot"], "--similarity")
 
 

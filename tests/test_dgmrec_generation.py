@@ -73,8 +73,8 @@ def test_centered_similarity_removes_a_shared_component():
     generated = {"a": (0.2 * own + rng.normal(scale=0.01, size=own.shape) + 40.0).astype(np.float32),
                  "b": truth}
     feats = {"a": truth, "b": rng.normal(size=(n, 4)).astype(np.float32)}
-    centered = cross_modal_retrieval(generated, observed, ["a", "b"], feats, ks=(1,))
-    plain = cross_modal_retrieval(generated, observed, ["a", "b"], feats, ks=(1,), similarity="cosine")
+    centered = cross_modal_retrieval(generated, observed, ["a", "b"], feats, ks=(1,), similarity="centered")
+    plain = cross_modal_retrieval(generated, observed, ["a", "b"], feats, ks=(1,))
     assert centered["by_missing_level"]["1"]["generated_hit@1"] == 1.0
     assert plain["by_missing_level"]["1"]["generated_hit@1"] < 0.5
     assert centered["chance"] == {"hit@1": 1 / n}

@@ -130,7 +130,7 @@ def retrieval(
     truth: Annotated[Path, typer.Option("--truth", help="Folder with the true <modality>_feat.npy files.")],
     nn_k: Annotated[int, typer.Option("--nn-k", help="Neighbours of the NN-imputation baseline.")] = 10,
     similarity: Annotated[str, typer.Option(
-        "--similarity", help="centered (cosine after removing the observed mean feature) or cosine.")] = "centered",
+        "--similarity", help="cosine, or centered (cosine after removing the observed mean feature).")] = "cosine",
     out: Annotated[Path | None, typer.Option("--out", help="JSON file for the results.")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
