@@ -169,3 +169,11 @@ def test_bad_inputs(folder, trained, tmp_path, capsys):
     write_mmrec(make_synthetic(n_users=150, n_items=100, interactions_per_user=12, seed=8, name="syn"), other)
     bad(capsys, ["train", "--model", "DGMRec", "--data", str(other), "--out", str(trained), "--resume", "-q"],
         "another dataset")
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    code, out, _ = run_cli(["demo", "--epochs", "2", "--out", str(tmp_path / "demo")], capsys)
+    assert code == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary["test"]) == {"DGMRec", "LightGCN", "MFBPR"}
+    assert "Hit@10" in out and summary["retrieval"]["by_missing_level"]["1"]["nn_hit@10"] > 0
