@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from dgmrec.data.masks import draw_new_items
+from dgmrec.data.mmrec import make_new_item_split
 from dgmrec.data.synthetic import make_synthetic
 
 
@@ -17,3 +20,10 @@ def small3():
 def small2(small3):
     """The same data with two modalities (image, text)."""
     return small3.select_modalities(["image", "text"])
+
+
+@pytest.fixture(scope="session")
+def small3_new(small3):
+    """small3 in the new-item setting (20 % of the items lose their training interactions)."""
+    counts = np.bincount(small3.train[:, 1], minlength=small3.n_items)
+    return make_new_item_split(small3, draw_new_items(counts))

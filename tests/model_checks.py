@@ -4,7 +4,8 @@
 * ``check_loss_decreases``: the mean loss of the last steps is below that of the first steps;
 * ``check_gradients``: every trainable parameter that should learn receives a non-zero gradient;
 * ``check_beats_popularity``: after short training, validation Recall@20 beats the popularity ranking;
-* ``check_deterministic``: the same seed gives identical metrics.
+* ``check_deterministic``: the same seed gives identical metrics;
+* ``check_contract``: shapes, gradients and a decreasing loss, each on a freshly built model.
 """
 
 from __future__ import annotations
@@ -107,3 +108,10 @@ def check_deterministic(model_name: str, ds: RecDataset, tmp_path, epochs: int =
     a = trained_metrics(model_name, ds, tmp_path / "a", epochs=epochs, **overrides)
     b = trained_metrics(model_name, ds, tmp_path / "b", epochs=epochs, **overrides)
     assert a["test"] == b["test"] and a["valid"] == b["valid"]
+
+
+def check_contract(name: str, ds: RecDataset, n_epochs: int = 8, **options: Any) -> None:
+    """The three per-model checks, each on a fresh ``make_model(name, ds, **options)``."""
+    check_shapes(make_model(name, ds, **options), ds)
+    check_gradients(make_model(name, ds, **options), ds)
+    check_loss_decreases(make_model(name, ds, **options), ds, n_epochs=n_epochs)

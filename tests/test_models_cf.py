@@ -6,11 +6,8 @@ import pytest
 
 from model_checks import (
     check_beats_popularity,
+    check_contract,
     check_deterministic,
-    check_gradients,
-    check_loss_decreases,
-    check_shapes,
-    make_model,
 )
 
 MODELS = ["LightGCN", "MFBPR", "DGMRec"]
@@ -20,9 +17,7 @@ MODELS = ["LightGCN", "MFBPR", "DGMRec"]
 @pytest.mark.parametrize("data", ["small2", "small3"])
 def test_contract(name, data, request):
     ds = request.getfixturevalue(data)
-    check_shapes(make_model(name, ds), ds)
-    check_gradients(make_model(name, ds), ds)
-    check_loss_decreases(make_model(name, ds), ds)
+    check_contract(name, ds)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -18,8 +18,8 @@ from dgmrec.models.slmrec import fac_chain
 from dgmrec.models.vbpr import select_modalities
 from model_checks import (
     check_beats_popularity,
+    check_contract,
     check_deterministic,
-    check_gradients,
     check_loss_decreases,
     check_shapes,
     make_model,
@@ -41,9 +41,7 @@ def _batch(ds, n: int = 64, seed: int = 0) -> Batch:
 @pytest.mark.parametrize("data", ["small2", "small3"])
 def test_contract(name, data, request):
     ds = request.getfixturevalue(data)
-    check_shapes(make_model(name, ds), ds)
-    check_gradients(make_model(name, ds), ds)
-    check_loss_decreases(make_model(name, ds), ds, n_epochs=6)
+    check_contract(name, ds, n_epochs=6)
 
 
 @pytest.mark.parametrize(("name", "lr"), [("VBPR", 0.005), ("SLMRec", 0.005), ("BM3", 0.01)])

@@ -8,8 +8,6 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from dgmrec.data.masks import draw_new_items
-from dgmrec.data.mmrec import make_new_item_split
 from dgmrec.graphs import (
     EdgeGraph,
     edge_sym_row_normalize,
@@ -22,8 +20,8 @@ from dgmrec.models.grcn import attention_pass
 from dgmrec.training.sampler import NegativeSampler
 from model_checks import (
     check_beats_popularity,
+    check_contract,
     check_deterministic,
-    check_gradients,
     check_loss_decreases,
     check_shapes,
     make_model,
@@ -41,13 +39,6 @@ OPTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def small3_new(small3):
-    """small3 in the new-item setting (20 % of the items lose their training interactions)."""
-    counts = np.bincount(small3.train[:, 1], minlength=small3.n_items)
-    return make_new_item_split(small3, draw_new_items(counts))
-
-
 def one_batch(ds):
     sampler = NegativeSampler(ds.train, ds.n_items, ds.new_items, seed=0)
     return next(iter(sampler.epoch(len(ds.train), True)))
@@ -60,16 +51,12 @@ def one_batch(ds):
 @pytest.mark.parametrize("data", ["small2", "small3"])
 def test_contract(name, data, request):
     ds = request.getfixturevalue(data)
-    check_shapes(make_model(name, ds), ds)
-    check_gradients(make_model(name, ds), ds)
-    check_loss_decreases(make_model(name, ds), ds, n_epochs=3)
+    check_contract(name, ds, n_epochs=3)
 
 
 @pytest.mark.parametrize(("name", "options"), OPTIONS)
 def test_options(name, options, small3):
-    check_shapes(make_model(name, small3, **options), small3)
-    check_gradients(make_model(name, small3, **options), small3)
-    check_loss_decreases(make_model(name, small3, **options), small3, n_epochs=3)
+    check_contract(name, small3, n_epochs=3, **options)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -17,10 +17,8 @@ from dgmrec.models.milk import environment_weights
 from dgmrec.models.sibrar import draw_modality_pairs
 from model_checks import (
     check_beats_popularity,
+    check_contract,
     check_deterministic,
-    check_gradients,
-    check_loss_decreases,
-    check_shapes,
     make_model,
 )
 
@@ -40,16 +38,12 @@ OPTIONS = [
 @pytest.mark.parametrize("data", ["small2", "small3"])
 def test_contract(name, data, request):
     ds = request.getfixturevalue(data)
-    check_shapes(make_model(name, ds), ds)
-    check_gradients(make_model(name, ds), ds)
-    check_loss_decreases(make_model(name, ds), ds, n_epochs=5)
+    check_contract(name, ds, n_epochs=5)
 
 
 @pytest.mark.parametrize(("name", "options"), OPTIONS)
 def test_options(name, options, small3):
-    check_shapes(make_model(name, small3, **options), small3)
-    check_gradients(make_model(name, small3, **options), small3)
-    check_loss_decreases(make_model(name, small3, **options), small3, n_epochs=4)
+    check_contract(name, small3, n_epochs=4, **options)
 
 
 @pytest.mark.parametrize("name", MODELS)

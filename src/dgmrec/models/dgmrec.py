@@ -181,6 +181,12 @@ class DGMRec(Recommender):
             raise ConfigError(f"must be >= 0, got {self.decoder_ridge}", source="decoder_ridge")
         if self.opts["decoder_fit"] == "least_squares":
             self.decoder.requires_grad_(False)
+        # a least-squares decoder with a frozen target takes nothing from the reconstruction gradient
+        self.recon_in_loss = bool(self.w["recon"]) and not (
+            self.opts["decoder_fit"] == "least_squares" and bool(self.original_features))
+        # the table gets gradient from its encoder and from being the whole reconstruction target: fuse the two
+        self.fuse_table_grads = (self.recon_in_loss and self.trainable_raw and not self.original_features
+                                 and not self.recon_observed_only)
         self.sources = [[(m + s) % M for s in range(1, M)] for m in range(M)]
 
         # CLUB estimators live outside the main optimiser (their own Adam)
@@ -274,12 +280,8 @@ class DGMRec(Recommender):
 
     # ----------------------------------------------------------------------------------------- loss
     def loss(self, batch: Batch) -> LossOutput:
-        fitted_to_original = self.opts["decoder_fit"] == "least_squares" and bool(self.original_features)
-        recon_on = bool(self.w["recon"]) and not fitted_to_original
-        # the table gets gradient from its encoder and from being the reconstruction target: fuse the two
-        fuse = recon_on and self.trainable_raw and not self.original_features and not self.recon_observed_only
         hand_offs = None
-        if fuse:
+        if self.fuse_table_grads:
             if self._table_grad_buffers is None:  # persistent gradient buffers of the tables (see TableGradient)
                 self._table_grad_buffers = [torch.empty_like(x) for x in self.features]
             hand_offs = [TableGradient(x, b) for x, b in zip(self.features, self._table_grad_buffers, strict=True)]
@@ -307,20 +309,13 @@ class DGMRec(Recommender):
         parts = {"bpr": bpr, "reg": reg}
         zero = torch.zeros((), device=bpr.device)
 
-        # a least-squares decoder with a frozen target takes nothing from the reconstruction gradient
-        if recon_on:
+        if self.recon_in_loss:
             recon = zero
-            space = "raw_" if self.opts["generation_space"] == "raw" else ""
             for j in range(M):
-                dec_in = perturb(torch.cat([f[space + "g"][j], f[space + "s"][j]], dim=1).detach(),
-                                 self.perturb_scale)
-                if self.original_features:
-                    obs = self.observed[:, j]
-                    recon = recon + linear_mse(dec_in[obs], self.decoder[j], self.original_features[j][obs])
-                    continue
-                target = self.features[j]
-                if self.recon_observed_only:
-                    dec_in, target = dec_in[self.observed[:, j]], target[self.observed[:, j]]
+                dec_in = perturb(self._decoder_input(f, j).detach(), self.perturb_scale)
+                rows, target = self._recon_target(j)
+                if rows is not None:
+                    dec_in, target = dec_in[rows], target[rows]
                 recon = recon + linear_mse(dec_in, self.decoder[j], target, hand_offs[j] if hand_offs else None)
             parts["recon"] = self.w["recon"] * recon
 
@@ -446,20 +441,26 @@ class DGMRec(Recommender):
             out.append(self.decoder[j](dec_in))
         return out
 
+    def _decoder_input(self, f: dict[str, Any], j: int) -> torch.Tensor:
+        """What decoder ``j`` reconstructs from: ``[G; S]`` of the generation space (without noise)."""
+        prefix = "raw_" if self.opts["generation_space"] == "raw" else ""
+        return torch.cat([f[prefix + "g"][j], f[prefix + "s"][j]], dim=1)
+
+    def _recon_target(self, j: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Rows (None = all) and target table of decoder ``j``'s reconstruction objective."""
+        if self.original_features:
+            return self.observed[:, j], self.original_features[j]
+        return (self.observed[:, j] if self.recon_observed_only else None), self.features[j]
+
     @torch.no_grad()
     def _fit_decoders(self, f: dict[str, Any]) -> None:
         """Set every decoder to the ridge least-squares solution of its reconstruction objective."""
-        prefix = "raw_" if self.opts["generation_space"] == "raw" else ""
         for j, dec in enumerate(self.decoder):
-            z = torch.cat([f[prefix + "g"][j], f[prefix + "s"][j]], dim=1).double()
-            if self.original_features:
-                rows = self.observed[:, j]
-                z, y = z[rows], self.original_features[j][rows].double()
-            elif self.recon_observed_only:
-                rows = self.observed[:, j]
-                z, y = z[rows], self.features[j].detach()[rows].double()
-            else:
-                y = self.features[j].detach().double()
+            z = self._decoder_input(f, j).double()
+            rows, y = self._recon_target(j)
+            y = y.detach().double()
+            if rows is not None:
+                z, y = z[rows], y[rows]
             if len(z) < 2:
                 continue
             z_mean, y_mean = z.mean(0), y.mean(0)
