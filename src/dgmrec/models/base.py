@@ -22,11 +22,13 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dgmrec.data.dataset import RecDataset
 from dgmrec.data.impute import impute_features
 from dgmrec.errors import ConfigError
+from dgmrec.losses import bpr_loss
 
 
 @dataclass
@@ -183,3 +185,44 @@ class Recommender(nn.Module):
 
     def set_extra_state(self, state: Any) -> None:
         return None
+
+
+class NodeTableRecommender(Recommender):
+    """A model whose forward pass is one ``(U + I) x D`` table of user and item rows (MMGCN, GRCN).
+
+    The loss is BPR on the table's rows plus ``reg_weight * (mean(E_id[u]^2) + (mean(E_id[i+]^2) +
+    mean(E_id[i-]^2)) / 2 + extra_reg(batch))`` over the batch's ID embeddings; ``use_stale_cache`` scores with
+    the table of the last training step, as the references do, instead of recomputing it. Subclasses set
+    ``id_embedding``, ``reg_weight`` and ``use_stale_cache`` and implement ``forward_all`` and ``extra_reg``.
+    """
+
+    id_embedding: torch.Tensor
+    reg_weight: float
+    use_stale_cache: bool
+    _stale: torch.Tensor | None = None  # the last training forward (use_stale_cache)
+
+    def forward_all(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_reg(self, batch: Batch) -> torch.Tensor:
+        """The model's own regulariser (added to the ID-embedding penalty before ``reg_weight``)."""
+        raise NotImplementedError
+
+    def loss(self, batch: Batch) -> LossOutput:
+        z = self.forward_all()
+        if self.use_stale_cache:
+            self._stale = z.detach()
+        u = F.embedding(batch.users, z)
+        pos, neg = F.embedding(torch.cat([batch.pos, batch.neg]) + self.n_users, z).split(len(batch.pos))
+        parts = {"bpr": bpr_loss((u * pos).sum(1), (u * neg).sum(1))}
+        if self.reg_weight:
+            ids = self.id_embedding
+            reg = ids[batch.users].pow(2).mean() + 0.5 * (ids[batch.pos + self.n_users].pow(2).mean()
+                                                          + ids[batch.neg + self.n_users].pow(2).mean())
+            parts["reg"] = self.reg_weight * (reg + self.extra_reg(batch))
+        total = sum(parts.values())
+        return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})
+
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self._stale if self.use_stale_cache and self._stale is not None else self.forward_all()
+        return z[: self.n_users], z[self.n_users:]

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgmrec.graphs import EdgeGraph, segment_softmax
-from dgmrec.losses import bpr_loss
-from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
+from dgmrec.models.base import Batch, ModelInput, NodeTableRecommender
 
 
 def attention_pass(x: torch.Tensor, graph: EdgeGraph) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +33,7 @@ def attention_pass(x: torch.Tensor, graph: EdgeGraph) -> tuple[torch.Tensor, tor
     return graph.propagate(alpha, x), alpha
 
 
-class GRCN(Recommender):
+class GRCN(NodeTableRecommender):
     """Graph-Refined Convolutional Network for any number ``M >= 1`` of modalities.
 
     Architecture
@@ -99,7 +98,6 @@ class GRCN(Recommender):
         for layer in self.mlp:
             nn.init.xavier_normal_(layer.weight)
         self.confidence = nn.Parameter(nn.init.xavier_normal_(torch.empty(n_nodes, len(self.modalities))))
-        self._stale: torch.Tensor | None = None  # last training forward (use_stale_cache)
 
     def feature(self, j: int) -> torch.Tensor:
         return getattr(self, f"features_{j}")
@@ -126,25 +124,5 @@ class GRCN(Recommender):
         x2 = self.graph.propagate(weight, x1)
         return torch.cat([x0 + x1 + x2, *contents], dim=1)
 
-    def loss(self, batch: Batch) -> LossOutput:
-        z = self.forward_all()
-        if self.use_stale_cache:
-            self._stale = z.detach()
-        u = F.embedding(batch.users, z)
-        items = F.embedding(torch.cat([batch.pos, batch.neg]) + self.n_users, z)
-        pos, neg = items.split(len(batch.pos))
-        bpr = bpr_loss((u * pos).sum(1), (u * neg).sum(1))
-        parts = {"bpr": bpr}
-        if self.reg_weight:
-            ids = self.id_embedding
-            reg = ids[batch.users].pow(2).mean() + 0.5 * (ids[batch.pos + self.n_users].pow(2).mean()
-                                                          + ids[batch.neg + self.n_users].pow(2).mean())
-            reg = reg + self.preference[0].pow(2).mean()
-            reg = reg + sum(p[batch.users].pow(2).mean() for p in self.preference)
-            parts["reg"] = self.reg_weight * reg
-        total = sum(parts.values())
-        return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})
-
-    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self._stale if self.use_stale_cache and self._stale is not None else self.forward_all()
-        return z[: self.n_users], z[self.n_users:]
+    def extra_reg(self, batch: Batch) -> torch.Tensor:
+        return self.preference[0].pow(2).mean() + sum(p[batch.users].pow(2).mean() for p in self.preference)

@@ -22,8 +22,7 @@ from torch import nn
 
 from dgmrec.errors import ConfigError
 from dgmrec.graphs import SparseOp, normalized_adjacency
-from dgmrec.losses import bpr_loss
-from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
+from dgmrec.models.base import Batch, ModelInput, NodeTableRecommender
 
 _CHOICES = {"mmgcn_conv_mode": ("auto", "bias_norm", "plain")}
 _N_LAYERS = 3  # the reference hard-codes three layers (its n_layers key is ignored)
@@ -77,7 +76,7 @@ class _ModalityGCN(nn.Module):
         return x
 
 
-class MMGCN(Recommender):
+class MMGCN(NodeTableRecommender):
     """Multi-modal graph convolution network: per-modality GCNs on the user-item graph, averaged.
 
     Architecture
@@ -144,7 +143,6 @@ class MMGCN(Recommender):
             _ModalityGCN(self.n_users, int(data.features[m].shape[1]), int(latent.get(m, 0)), d,
                          bias_norm=mode == "bias_norm", train_preference=self.train_id)
             for m in self.modalities)
-        self._stale: torch.Tensor | None = None  # last training forward (use_stale_cache)
 
     def feature(self, j: int) -> torch.Tensor:
         return getattr(self, f"features_{j}")
@@ -154,24 +152,5 @@ class MMGCN(Recommender):
         out = [branch(self.feature(j), self.id_embedding, self.agg) for j, branch in enumerate(self.branches)]
         return torch.stack(out).mean(dim=0)
 
-    def loss(self, batch: Batch) -> LossOutput:
-        z = self.forward_all()
-        if self.use_stale_cache:
-            self._stale = z.detach()
-        u = F.embedding(batch.users, z)
-        items = F.embedding(torch.cat([batch.pos, batch.neg]) + self.n_users, z)
-        pos, neg = items.split(len(batch.pos))
-        bpr = bpr_loss((u * pos).sum(1), (u * neg).sum(1))
-        parts = {"bpr": bpr}
-        if self.reg_weight:
-            ids = self.id_embedding
-            reg = ids[batch.users].pow(2).mean() + 0.5 * (ids[batch.pos + self.n_users].pow(2).mean()
-                                                          + ids[batch.neg + self.n_users].pow(2).mean())
-            reg = reg + sum(b.preference.pow(2).mean() for b in self.branches)
-            parts["reg"] = self.reg_weight * reg
-        total = sum(parts.values())
-        return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})
-
-    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self._stale if self.use_stale_cache and self._stale is not None else self.forward_all()
-        return z[: self.n_users], z[self.n_users:]
+    def extra_reg(self, batch: Batch) -> torch.Tensor:
+        return sum(b.preference.pow(2).mean() for b in self.branches)
