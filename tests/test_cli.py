@@ -102,6 +102,10 @@ def test_retrieval_command(trained, folder, tmp_path, capsys):
     assert "generated_hit@10" in res["by_missing_level"]["1"] and "nn_hit@10" in res["by_missing_level"]["1"]
     assert res["similarity"] == "cosine" and res["chance"]["hit@10"] > 0
     bad(capsys, ["retrieval", "--run", str(trained), "--truth", str(folder), "--similarity", "dot"], "--similarity")
+    # without --truth the run's own dataset (whose masked rows keep their features) is the truth
+    code, _, _ = run_cli(["retrieval", "--run", str(trained), "--out", str(tmp_path / "own.json")], capsys)
+    assert code == 0
+    assert json.loads((tmp_path / "own.json").read_text())["by_missing_level"] == res["by_missing_level"]
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -23,7 +23,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Multimodal recommendation with missing modalities (DGMRec and baselines).")
 data_app = typer.Typer(no_args_is_help=True, help="Validate datasets and generate masks and splits.")
 app.add_typer(data_app, name="data")
-console = Console()
+# piped output is not cut at 80 columns (tables would lose digits)
+console = Console() if sys.stdout.isatty() else Console(width=160)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name (see `dgmrec models`).")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="MMRec dataset folder, or 'synthetic'.")]
@@ -127,14 +128,16 @@ def generate(
 @app.command()
 def retrieval(
     run: Annotated[Path, typer.Option("--run", help="Run directory of DGMRec.")],
-    truth: Annotated[Path, typer.Option("--truth", help="Folder with the true <modality>_feat.npy files.")],
+    truth: Annotated[Path | None, typer.Option(
+        "--truth", help="Folder with the true <modality>_feat.npy files [default: the run's own dataset, whose "
+                        "masked rows still hold their features].")] = None,
     nn_k: Annotated[int, typer.Option("--nn-k", help="Neighbours of the NN-imputation baseline.")] = 10,
     similarity: Annotated[str, typer.Option(
         "--similarity", help="cosine, or centered (cosine after removing the observed mean feature).")] = "cosine",
     out: Annotated[Path | None, typer.Option("--out", help="JSON file for the results.")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Cross-modal retrieval Hit@10/@20 of generated features vs the nearest-neighbour baseline."""
+    """Cross-modal retrieval (Hit@10/@20, mean rank) of generated features vs the nearest-neighbour baseline."""
     from dgmrec.experiments.retrieval import SIMILARITIES, cross_modal_retrieval, load_truth
 
     if similarity not in SIMILARITIES:
@@ -145,22 +148,22 @@ def retrieval(
     if gen is None:
         raise InputError(f"model {lr.model.name} does not generate features", source="--run")
     ds = lr.dataset
+    true_features = (load_truth(truth, ds.modalities, ds.n_items) if truth is not None
+                     else {m: np.asarray(ds.features[m]) for m in ds.modalities})
     res = cross_modal_retrieval({m: v.detach().cpu().numpy() for m, v in gen.items()}, ds.observed,
-                                ds.modalities, load_truth(truth, ds.modalities, ds.n_items), nn_k=nn_k,
-                                similarity=similarity)
+                                ds.modalities, true_features, nn_k=nn_k, similarity=similarity)
     chance = res["chance"]
     table = Table(title=f"Cross-modal retrieval ({lr.model.name}, {ds.name}, {similarity} similarity; "
-                        f"chance Hit@10 {chance['hit@10']:.4f})")
-    for col in ("modality", "missing", "items", "DGMRec Hit@10", "NN Hit@10", "DGMRec Hit@20", "NN Hit@20"):
+                        f"chance: Hit@10 {chance['hit@10']:.4f}, rank 0.5)")
+    keys = ("generated_hit@10", "nn_hit@10", "generated_hit@20", "nn_hit@20", "generated_rank", "nn_rank")
+    for col in ("modality", "missing", "items", "DGMRec Hit@10", "NN Hit@10", "DGMRec Hit@20", "NN Hit@20",
+                "DGMRec rank", "NN rank"):
         table.add_column(col.replace("DGMRec", lr.model.name), justify="right")
     for r in res["rows"]:
-        table.add_row(*[(f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, "–")))
-                        for c in ("modality", "missing", "items", "generated_hit@10", "nn_hit@10",
-                                  "generated_hit@20", "nn_hit@20")])
+        table.add_row(str(r["modality"]), str(r["missing"]), str(r["items"]),
+                      *[(f"{r[c]:.4f}" if c in r else "–") for c in keys])
     for level, summary in sorted(res["by_missing_level"].items()):
-        table.add_row("all", level, "", *[(f"{summary[c]:.4f}" if c in summary else "–")
-                                          for c in ("generated_hit@10", "nn_hit@10", "generated_hit@20",
-                                                    "nn_hit@20")])
+        table.add_row("all", level, "", *[(f"{summary[c]:.4f}" if c in summary else "–") for c in keys])
     console.print(table)
     target = out or Path(run) / "retrieval.json"
     target.write_text(json.dumps(res, indent=2))
@@ -193,7 +196,7 @@ def demo(
     rows: dict[str, dict[str, float]] = {}
     extra: dict[str, Any] = {}
     # DGMRec with the generation options whose generated rows live in the original feature space
-    generation = {"generation_space": "raw", "recon_target": "original", "decoder_fit": "least_squares"}
+    generation = {"generation_space": "raw", "recon_target": "original", "decoder_fit": "least_squares_generated"}
     for name in ("DGMRec", "LightGCN", "MFBPR"):
         extra_options = generation if name == "DGMRec" else {}
         res = api.train(name, ds, out=out / name, overrides={"epochs": epochs, "eval_step": 5, **extra_options},

@@ -3,7 +3,9 @@
 Protocol (ours; the paper does not define one): for every item ``i`` whose modality ``m`` is masked but whose
 true feature is known, the query is the feature the model generates for ``(i, m)``; the candidates are the
 true features of modality ``m`` of *all* items; cosine similarity ranks them and Hit@K = 1 when ``i`` itself
-is among the top K. Results are grouped by how many modalities the item misses. The nearest-neighbour
+is among the top K (ties count against the query). ``rank`` is the share of the other items ranked at least as
+high as ``i`` (0 = first, 0.5 = chance): it uses the whole ranking, so it separates methods long before Hit@10
+does when few queries hit at all. Results are grouped by how many modalities the item misses. The nearest-neighbour
 baseline (items missing exactly one modality) finds the ``nn_k`` items most similar to ``i`` in its observed
 modalities (mean cosine over them, among items that observe ``m`` and those modalities) and averages their
 true ``m`` features as the query.
@@ -12,7 +14,7 @@ Similarity. ``"cosine"`` (the default, as the specification recommends) compares
 ``"centered"`` first subtracts the mean true feature of the modality's observed items from queries and
 candidates. Pre-extracted features often share a large common component (TikTok's image features: mean-row
 cosine 0.93 to every item), and queries that are averages or regressions sit close to it; centring removes
-it for every method alike. ``chance`` is ``K / n_items``.
+it for every method alike. ``chance`` is ``K / n_items`` for Hit@K and 0.5 for ``rank``.
 """
 
 from __future__ import annotations
@@ -33,20 +35,28 @@ def _normalize(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return F.normalize(torch.as_tensor(np.asarray(x), dtype=torch.float32), dim=1)
 
 
-def hit_rates(queries: torch.Tensor, targets: np.ndarray, candidates: torch.Tensor, ks: Sequence[int],
-              chunk: int = 2048) -> dict[int, np.ndarray]:
-    """Per-query hits: is ``targets[q]`` among the top-K cosine neighbours of query ``q`` in ``candidates``."""
+def target_ranks(queries: torch.Tensor, targets: np.ndarray, candidates: torch.Tensor,
+                 chunk: int = 2048) -> np.ndarray:
+    """0-based rank of ``targets[q]`` among the (normalised) ``candidates`` by cosine to query ``q``.
+
+    The rank counts every other candidate scored at least as high as the target, so ties go against the
+    query (a constant or all-zero query never scores a hit by tie-breaking).
+    """
     qn = _normalize(queries)
-    cn = candidates
-    out = {k: np.zeros(len(targets), dtype=bool) for k in ks}
-    kmax = max(ks)
+    out = np.zeros(len(targets), dtype=np.int64)
     for s in range(0, len(targets), chunk):
-        sim = qn[s:s + chunk] @ cn.T
-        top = torch.topk(sim, min(kmax, sim.shape[1]), dim=1).indices.numpy()
-        t = targets[s:s + chunk, None]
-        for k in ks:
-            out[k][s:s + chunk] = (top[:, :k] == t).any(axis=1)
+        sim = qn[s:s + chunk] @ candidates.T
+        t = torch.as_tensor(targets[s:s + chunk])
+        own = sim.gather(1, t[:, None])
+        out[s:s + chunk] = ((sim >= own).sum(dim=1) - 1).numpy()
     return out
+
+
+def hit_rates(queries: torch.Tensor, targets: np.ndarray, candidates: torch.Tensor,
+              ks: Sequence[int]) -> dict[int, np.ndarray]:
+    """Per-query hits: is ``targets[q]`` among the top-K cosine neighbours of query ``q`` in ``candidates``."""
+    ranks = target_ranks(queries, targets, candidates)
+    return {k: ranks < k for k in ks}
 
 
 def nn_imputation_queries(items: np.ndarray, target: int, observed: np.ndarray, truth: list[np.ndarray],
@@ -70,17 +80,30 @@ def nn_imputation_queries(items: np.ndarray, target: int, observed: np.ndarray, 
 SIMILARITIES = ("cosine", "centered")
 
 
+def _scores(ranks: np.ndarray, ks: Sequence[int], n: int) -> dict[str, np.ndarray]:
+    out = {f"hit@{k}": (ranks < k).astype(np.float64) for k in ks}
+    out["rank"] = ranks / max(1, n - 1)
+    return out
+
+
 def cross_modal_retrieval(generated: dict[str, np.ndarray], observed: np.ndarray, modalities: Sequence[str],
                           truth: dict[str, np.ndarray], ks: Sequence[int] = (10, 20),
                           nn_k: int = 10, similarity: str = "cosine") -> dict[str, Any]:
-    """Hit@K of generated features (and of the NN baseline) per modality and per missing level."""
+    """Hit@K and mean rank of generated features (and of the NN baseline) per modality and missing level."""
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     M = len(modalities)
+    n = observed.shape[0]
     truth_list = [truth[m] for m in modalities]
     missing_count = (~observed).sum(axis=1)
     rows: list[dict[str, Any]] = []
     totals: dict[str, dict[str, list[np.ndarray]]] = {}
+
+    def record(row: dict[str, Any], level: int, method: str, scores: dict[str, np.ndarray]) -> None:
+        for key, v in scores.items():
+            row[f"{method}_{key}"] = float(v.mean())
+            totals.setdefault(str(level), {}).setdefault(f"{method}_{key}", []).append(v)
+
     for j, m in enumerate(modalities):
         has_truth = np.isfinite(truth_list[j]).all(axis=1)
         items = np.flatnonzero(~observed[:, j] & has_truth)
@@ -90,28 +113,23 @@ def cross_modal_retrieval(generated: dict[str, np.ndarray], observed: np.ndarray
         shift = (true_j[observed[:, j] & has_truth].mean(axis=0) if similarity == "centered"
                  else np.zeros(true_j.shape[1], dtype=np.float32))
         cand = _normalize(true_j - shift)
-        gen_hits = hit_rates(torch.as_tensor(generated[m][items] - shift), items, cand, ks)
+        gen = _scores(target_ranks(torch.as_tensor(generated[m][items] - shift), items, cand), ks, n)
         for level in range(1, M + 1):
             sel = missing_count[items] == level
             if not sel.any():
                 continue
             row: dict[str, Any] = {"modality": m, "missing": level, "items": int(sel.sum())}
-            for k in ks:
-                row[f"generated_hit@{k}"] = float(gen_hits[k][sel].mean())
-                totals.setdefault(f"{level}", {}).setdefault(f"generated_hit@{k}", []).append(gen_hits[k][sel])
+            record(row, level, "generated", {key: v[sel] for key, v in gen.items()})
             if level == 1:
                 nn_items = items[sel]
                 queries = nn_imputation_queries(nn_items, j, observed, truth_list, nn_k)
-                nn_hits = hit_rates(torch.as_tensor(queries - shift), nn_items, cand, ks)
-                for k in ks:
-                    row[f"nn_hit@{k}"] = float(nn_hits[k].mean())
-                    totals.setdefault("1", {}).setdefault(f"nn_hit@{k}", []).append(nn_hits[k])
+                record(row, level, "nn", _scores(target_ranks(torch.as_tensor(queries - shift), nn_items, cand),
+                                                 ks, n))
             rows.append(row)
     summary = {level: {key: float(np.concatenate(v).mean()) for key, v in d.items()}
                for level, d in totals.items()}
-    n = observed.shape[0]
     return {"rows": rows, "by_missing_level": summary, "ks": list(ks), "nn_k": nn_k, "similarity": similarity,
-            "chance": {f"hit@{k}": min(1.0, k / n) for k in ks}}
+            "chance": {**{f"hit@{k}": min(1.0, k / n) for k in ks}, "rank": 0.5}}
 
 
 def load_truth(truth_dir: str | Path, modalities: Sequence[str], n_items: int) -> dict[str, np.ndarray]:
