@@ -28,7 +28,10 @@ the original features of observed items (a frozen copy) instead of the drifting 
 generated rows live in the original feature space. The decoder is linear and its reconstruction loss is a
 least-squares problem in its weights; ``decoder_fit: least_squares`` solves it exactly (ridge-regularised)
 before every generation instead of taking gradient steps, which a few thousand Adam steps on inputs of tiny
-variance (sigmoid outputs) do not reach.
+variance (sigmoid outputs) do not reach. That decoder is still fitted on the encodings of an item's own
+features and then applied to *generated* encodings, which differ (the generated specific part comes from
+user preferences only); ``decoder_fit: least_squares_generated`` fits it instead on the generated inputs of
+the items that observe every modality, so it learns the map it is used for.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ _CHOICES = {
     "nce_duplicates": ("keep", "mask"),
     "generation_space": ("reference", "propagated", "raw"),
     "recon_target": ("table", "original"),
-    "decoder_fit": ("gradient", "least_squares"),
+    "decoder_fit": ("gradient", "least_squares", "least_squares_generated"),
 }
 
 
@@ -179,11 +182,11 @@ class DGMRec(Recommender):
                               "space decodes inputs unlike the ones the decoder is fitted on)", source="decoder_fit")
         if self.decoder_ridge < 0:
             raise ConfigError(f"must be >= 0, got {self.decoder_ridge}", source="decoder_ridge")
-        if self.opts["decoder_fit"] == "least_squares":
+        if self.opts["decoder_fit"] != "gradient":
             self.decoder.requires_grad_(False)
         # a least-squares decoder with a frozen target takes nothing from the reconstruction gradient
         self.recon_in_loss = bool(self.w["recon"]) and not (
-            self.opts["decoder_fit"] == "least_squares" and bool(self.original_features))
+            self.opts["decoder_fit"] != "gradient" and bool(self.original_features))
         # the table gets gradient from its encoder and from being the whole reconstruction target: fuse the two
         self.fuse_table_grads = (self.recon_in_loss and self.trainable_raw and not self.original_features
                                  and not self.recon_observed_only)
@@ -413,17 +416,27 @@ class DGMRec(Recommender):
     @torch.no_grad()
     def _generate(self, graphs: list[SparseOp], noise: bool = True) -> list[torch.Tensor]:
         """Decoded raw features of every item for every modality, from the current state."""
+        return [dec(z) for dec, z in zip(self.decoder, self._generation_inputs(graphs, noise), strict=True)]
+
+    @torch.no_grad()
+    def _generation_inputs(self, graphs: list[SparseOp], noise: bool) -> list[torch.Tensor]:
+        """Per modality, the decoder's input at generation time ``[generated G; generated S]`` of every item.
+
+        With a least-squares ``decoder_fit`` the decoders are refitted here, on the reconstruction inputs
+        (``least_squares``) or on these generated inputs of the items observing every modality
+        (``least_squares_generated``); they are part of the state the inputs are generated for.
+        """
         space = self.opts["generation_space"]
-        least_squares = self.opts["decoder_fit"] == "least_squares"
+        fit = self.opts["decoder_fit"]
         if space == "raw":
             raw = [self.encode(j) for j in range(self.M)]
             f = {"raw_g": [g for g, _ in raw], "raw_s": [s for _, s in raw]}
-        elif space == "propagated" or least_squares:  # decoders are fitted on the training graphs' features
+        elif space == "propagated" or fit == "least_squares":  # decoders fit on the training graphs' features
             f = self.forward_all(self.train_graphs if space == "reference" else graphs)
         else:
             f = {"raw_g": [self.encode(j)[0] for j in range(self.M)]}
-        if least_squares:
-            self._fit_decoders(f)
+        if fit == "least_squares":
+            self._fit_decoders([self._decoder_input(f, j) for j in range(self.M)])
         general = f["g"] if space == "propagated" else f["raw_g"]
         if self.opts["missing_source_policy"] == "observed_mean":
             general = [torch.where(self.observed[:, j:j + 1], g, g[self.observed[:, j]].mean(0, keepdim=True))
@@ -435,11 +448,10 @@ class DGMRec(Recommender):
             gen_s = self.specific_generator[j](self.item_filter(j))
             if space == "reference":
                 gen_g, gen_s = self._propagate_mm(graphs[j], gen_g), self._propagate_mm(graphs[j], gen_s)
-            dec_in = torch.cat([gen_g, gen_s], dim=1)
-            if noise:
-                dec_in = perturb(dec_in, self.perturb_scale)
-            out.append(self.decoder[j](dec_in))
-        return out
+            out.append(torch.cat([gen_g, gen_s], dim=1))
+        if fit == "least_squares_generated":  # fitted on what it decodes: generated inputs of complete items
+            self._fit_decoders(out, self.complete)
+        return [perturb(z, self.perturb_scale) for z in out] if noise else out
 
     def _decoder_input(self, f: dict[str, Any], j: int) -> torch.Tensor:
         """What decoder ``j`` reconstructs from: ``[G; S]`` of the generation space (without noise)."""
@@ -453,12 +465,17 @@ class DGMRec(Recommender):
         return (self.observed[:, j] if self.recon_observed_only else None), self.features[j]
 
     @torch.no_grad()
-    def _fit_decoders(self, f: dict[str, Any]) -> None:
-        """Set every decoder to the ridge least-squares solution of its reconstruction objective."""
+    def _fit_decoders(self, inputs: list[torch.Tensor], among: torch.Tensor | None = None) -> None:
+        """Set decoder ``j`` to the ridge least-squares map from ``inputs[j]`` to its reconstruction target.
+
+        The rows are those of the reconstruction objective, restricted to the items in ``among`` if given.
+        """
         for j, dec in enumerate(self.decoder):
-            z = self._decoder_input(f, j).double()
+            z = inputs[j].double()
             rows, y = self._recon_target(j)
             y = y.detach().double()
+            if among is not None:
+                rows = among if rows is None else rows & among
             if rows is not None:
                 z, y = z[rows], y[rows]
             if len(z) < 2:
@@ -503,6 +520,11 @@ class DGMRec(Recommender):
         """Deterministic generated raw features of every item (no noise, scoring graphs)."""
         gen = self._generate(self._scoring_graphs(), noise=False)
         return {m: g for m, g in zip(self.modalities, gen, strict=True)}
+
+    def generation_inputs(self) -> dict[str, torch.Tensor]:
+        """What the decoders turn into :meth:`generate_for_retrieval`'s features (for analyses of generation)."""
+        inputs = self._generation_inputs(self._scoring_graphs(), noise=False)
+        return {m: z for m, z in zip(self.modalities, inputs, strict=True)}
 
     def completed_features(self) -> dict[str, torch.Tensor]:
         """Current feature tables with every missing row replaced by a freshly generated one."""
