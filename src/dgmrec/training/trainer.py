@@ -57,19 +57,24 @@ def build_model(name: str, ds: RecDataset, config: dict[str, Any],
 
 @dataclass
 class EarlyStopper:
-    """Stops once more than ``patience`` consecutive evaluations fail to improve the metric strictly."""
+    """Stops once more than ``patience`` consecutive evaluations fail to improve the metric strictly.
+
+    Evaluations made while ``counting`` is false (the model has not started to fit, see
+    ``stopping_bpr_below``) still record a new best but do not use up patience.
+    """
 
     patience: int
     best: float = -float("inf")
     best_epoch: int = -1
     bad_count: int = 0
 
-    def update(self, value: float, epoch: int) -> bool:
+    def update(self, value: float, epoch: int, counting: bool = True) -> bool:
         """Record an evaluation; returns True when it is a new best."""
         if value > self.best:
             self.best, self.best_epoch, self.bad_count = value, epoch, 0
             return True
-        self.bad_count += 1
+        if counting:
+            self.bad_count += 1
         return False
 
     @property
@@ -139,6 +144,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: a ** (e / b))
         sampler = NegativeSampler(self.ds.train, self.ds.n_items, self.ds.new_items, seed=seed, device=self.device)
         stopper = EarlyStopper(int(cfg["stopping_step"]))
+        bpr_below = float(cfg["stopping_bpr_below"])
         evaluator = self._evaluator()
         history: list[dict[str, Any]] = []
         start_epoch = 0
@@ -215,7 +221,8 @@ class Trainer:
                 eval_seconds.append(time.perf_counter() - t1)
                 entry["valid"] = _round(valid)
                 entry["eval_seconds"] = round(eval_seconds[-1], 4)
-                if stopper.update(valid[self.valid_metric], epoch):
+                counting = bpr_below <= 0 or any(e.get("bpr", 0.0) < bpr_below for e in (*history, entry))
+                if stopper.update(valid[self.valid_metric], epoch, counting):
                     with torch.no_grad():
                         tests = {s: evaluator.evaluate(model.score_users, s, self.device)
                                  for s in evaluator.splits if s != "valid"}
