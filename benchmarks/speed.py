@@ -116,7 +116,7 @@ def main() -> None:
         table.add_column(c, justify="right")
     for r in rows:
         table.add_row(*[str(r[c]) for c in cols])
-    Console().print(table)
+    Console(width=160).print(table)
     res_dir = HERE / "results"
     res_dir.mkdir(exist_ok=True)
     (res_dir / "speed.json").write_text(json.dumps(rows, indent=2))
