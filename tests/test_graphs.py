@@ -92,3 +92,18 @@ def test_blend_rows():
     np.testing.assert_allclose(out[0], [1, 0, 0])
     np.testing.assert_allclose(out[1], [0.2, 0.6 + 0.2, 0.2])
     np.testing.assert_allclose(out[2], [0, 0, 1])
+
+
+def test_sparse_rows_match_the_dense_rows_with_gradients():
+    rng = np.random.default_rng(0)
+    a = sp.random(30, 20, density=0.2, random_state=1, format="csr", dtype=np.float32)
+    op = SparseOp(a)
+    rows = torch.tensor([3, 7, 8, 21])
+    x = torch.tensor(rng.normal(size=(20, 5)), dtype=torch.float32, requires_grad=True)
+    sub = op.rows(rows) @ x
+    dense = torch.tensor(a.toarray())[rows] @ x.detach()
+    np.testing.assert_allclose(sub.detach().numpy(), dense.numpy(), rtol=1e-6, atol=1e-6)
+    weights = torch.tensor(rng.normal(size=(4, 5)), dtype=torch.float32)
+    (sub * weights).sum().backward()
+    expected = torch.tensor(a.toarray())[rows].T @ weights
+    np.testing.assert_allclose(x.grad.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)

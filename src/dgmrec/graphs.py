@@ -70,6 +70,11 @@ class SparseOp:
             return _SparseMM.apply(self.a, self.a_t, x)
         return torch.sparse.mm(self.a, x.contiguous())
 
+    def rows(self, index: torch.Tensor | np.ndarray) -> SparseOp:
+        """The operator made of the given rows of ``A`` (in that order)."""
+        index = index.cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
+        return SparseOp(self.scipy[index], self.a.device)
+
     @property
     def nnz(self) -> int:
         return int(self.scipy.nnz)

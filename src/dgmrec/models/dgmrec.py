@@ -270,9 +270,16 @@ class DGMRec(Recommender):
             filt.append(phi)
             prop_g.append(both[:, : self.d])
             prop_s.append(both[:, self.d:])
-        user_mm = self.user_agg @ torch.cat(prop_g + prop_s, dim=1)
-        if users is not None:  # only the batch's users (one gather, cheap backward)
-            picked = F.embedding(users, torch.cat([u_cf, user_mm], dim=1))
+        item_mm = torch.cat(prop_g + prop_s, dim=1)
+        if users is None:
+            user_mm = self.user_agg @ item_mm
+        else:
+            # aggregate only the batch's distinct users (their rows hold at most every non-zero once; the batch's
+            # own rows repeat active users) and gather the batch rows from that small table: no n_users-sized
+            # tensors, gradients or zero fills per step
+            distinct, where = torch.unique(users, return_inverse=True)
+            user_mm = self.user_agg.rows(distinct) @ item_mm
+            picked = F.embedding(where, torch.cat([F.embedding(distinct, u_cf), user_mm], dim=1))
             u_cf, user_mm = picked[:, : self.d], picked[:, self.d:]
         user_g = list(user_mm[:, : self.M * self.d].split(self.d, dim=1))
         user_s = list(user_mm[:, self.M * self.d:].split(self.d, dim=1))
