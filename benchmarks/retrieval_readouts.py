@@ -32,20 +32,17 @@ from rich.console import Console
 from rich.table import Table
 
 from dgmrec import api
-from dgmrec.experiments.retrieval import _normalize, load_truth, nn_imputation_queries, target_ranks
+from dgmrec.experiments.retrieval import Candidates, load_truth, nn_imputation_queries
+from dgmrec.losses import ridge_fit
 
 HERE = Path(__file__).resolve().parent
 
 
 def ridge_readout(z: np.ndarray, y: np.ndarray, fit_rows: np.ndarray, ridge: float) -> np.ndarray:
-    """Ridge regression of ``y`` on ``z`` fitted on ``fit_rows`` (penalty relative to the mean variance)."""
-    z, y = z.astype(np.float64), y.astype(np.float64)
-    z_mean, y_mean = z[fit_rows].mean(0), y[fit_rows].mean(0)
-    zc = z[fit_rows] - z_mean
-    gram = zc.T @ zc
-    gram[np.diag_indices_from(gram)] += ridge * np.trace(gram) / len(gram)
-    w = np.linalg.solve(gram, zc.T @ (y[fit_rows] - y_mean))
-    return ((z - z_mean) @ w + y_mean).astype(np.float32)
+    """Ridge regression of ``y`` on ``z`` fitted on ``fit_rows``, applied to every row."""
+    zt = torch.as_tensor(np.asarray(z, dtype=np.float32))
+    w, b = ridge_fit(zt[torch.as_tensor(fit_rows)], torch.as_tensor(y[fit_rows]), ridge)
+    return (zt @ w + b).numpy()
 
 
 def main() -> None:
@@ -58,13 +55,14 @@ def main() -> None:
     torch.set_grad_enabled(False)
     lr = api.load_run(args.run)
     ds, model = lr.dataset, lr.model
-    if not hasattr(model, "generation_inputs"):
+    inputs_t = model.generation_inputs()
+    if inputs_t is None:
         raise SystemExit(f"error: {args.run}: model {model.name} does not generate features")
+    inputs = {m: v.numpy() for m, v in inputs_t.items()}
     truth_map = load_truth(args.truth, ds.modalities, ds.n_items)
     truth = [np.nan_to_num(truth_map[m]).astype(np.float32) for m in ds.modalities]
     observed = ds.observed
     generated = {m: v.numpy() for m, v in model.generate_for_retrieval().items()}
-    inputs = {m: v.numpy() for m, v in model.generation_inputs().items()}
     complete = observed.all(axis=1)
     missing_count = (~observed).sum(axis=1)
     results = []
@@ -80,12 +78,11 @@ def main() -> None:
             "NN imputation": nn_imputation_queries(items, j, observed, truth, 10),
         }
         for similarity in ("cosine", "centered"):
-            shift = truth[j][observed[:, j]].mean(0) if similarity == "centered" else np.zeros_like(truth[j][0])
-            cand = _normalize(truth[j] - shift)
+            cand = Candidates(truth_map[m], observed[:, j], similarity)
             for name, q in queries.items():
-                ranks = target_ranks(torch.as_tensor(q - shift), items, cand)
+                scores = cand.score(q, items, (10,))
                 results.append({"modality": m, "queries": len(items), "readout": name, "similarity": similarity,
-                                "hit@10": float((ranks < 10).mean()), "rank": float((ranks / (ds.n_items - 1)).mean())})
+                                "hit@10": float(scores["hit@10"].mean()), "rank": float(scores["rank"].mean())})
 
     table = Table(title=f"Readouts of masked features ({ds.name}, {args.run.name}; chance Hit@10 "
                         f"{10 / ds.n_items:.4f}, rank 0.5)")

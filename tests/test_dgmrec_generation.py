@@ -42,9 +42,9 @@ def test_least_squares_needs_a_consistent_space(small2):
         make_model("DGMRec", small2, decoder_fit="least_squares")
 
 
-def _retrieval_after_training(ds, tmp_path, **options):
-    cfg, _ = resolve_config("DGMRec", ds.name, overrides={"epochs": 20, "eval_step": 20, "train_batch_size": 256,
-                                                          "learning_rate": 0.005, **options})
+def _retrieval_after_training(ds, tmp_path, **overrides):
+    """Retrieval summary (by missing level) of DGMRec trained 20 epochs on ``ds`` with ``overrides``."""
+    cfg, _ = resolve_config("DGMRec", ds.name, overrides={"epochs": 20, "eval_step": 20, **overrides})
     model = Trainer("DGMRec", ds, cfg, tmp_path, progress=False).fit().model
     gen = model.generate_for_retrieval()
     feats = {m: np.asarray(ds.features[m]) for m in ds.modalities}
@@ -52,10 +52,13 @@ def _retrieval_after_training(ds, tmp_path, **options):
                                  feats)["by_missing_level"]
 
 
+SMALL = {"train_batch_size": 256, "learning_rate": 0.005}  # enough steps on the 160-item data
+
+
 def test_clean_generation_recovers_masked_features(small3, tmp_path):
     """Planted signal: the masked features are linear in latent factors the other modalities share."""
-    clean = _retrieval_after_training(small3, tmp_path / "clean", **CLEAN)
-    reference = _retrieval_after_training(small3, tmp_path / "ref")
+    clean = _retrieval_after_training(small3, tmp_path / "clean", **SMALL, **CLEAN)
+    reference = _retrieval_after_training(small3, tmp_path / "ref", **SMALL)
     chance = 10 / small3.n_items
     assert clean["1"]["generated_hit@10"] > 0.5 > 6 * chance
     assert clean["1"]["generated_hit@10"] > 3 * reference["1"]["generated_hit@10"]
@@ -63,21 +66,13 @@ def test_clean_generation_recovers_masked_features(small3, tmp_path):
     assert clean["2"]["generated_hit@10"] > 0.4 and clean["3"]["generated_hit@10"] > 0.3
 
 
-def _demo_size_retrieval(tmp_path, **options):
-    ds = make_synthetic(seed=0)  # the demo's data: 400 items, a third of them observe every modality
-    cfg, _ = resolve_config("DGMRec", ds.name, overrides={"epochs": 20, "eval_step": 20, **CLEAN, **options})
-    model = Trainer("DGMRec", ds, cfg, tmp_path, progress=False).fit().model
-    gen = model.generate_for_retrieval()
-    return cross_modal_retrieval({m: v.detach().numpy() for m, v in gen.items()}, ds.observed, ds.modalities,
-                                 {m: np.asarray(ds.features[m]) for m in ds.modalities})["by_missing_level"]
-
-
 def test_decoder_fitted_on_generated_inputs_beats_nn_imputation(tmp_path):
     """The paper's retrieval claim on planted data: once the decoder is fitted on the generated inputs it
     decodes (not on encodings of the item's own features), generation retrieves masked features better than
     nearest-neighbour imputation, and better than the decoder fitted on own encodings."""
-    own = _demo_size_retrieval(tmp_path / "own")
-    generated = _demo_size_retrieval(tmp_path / "gen", decoder_fit="least_squares_generated")
+    ds = make_synthetic(seed=0)  # the demo's data: 400 items, 160 of them observe every modality
+    own = _retrieval_after_training(ds, tmp_path / "own", **CLEAN)
+    generated = _retrieval_after_training(ds, tmp_path / "gen", **{**CLEAN, "decoder_fit": "least_squares_generated"})
     assert generated["1"]["generated_hit@10"] > generated["1"]["nn_hit@10"] + 0.05
     assert generated["1"]["generated_rank"] < generated["1"]["nn_rank"]
     assert generated["1"]["generated_hit@10"] > own["1"]["generated_hit@10"] + 0.1

@@ -209,3 +209,25 @@ def generate(run: str | Path | LoadedRun, out: str | Path, device: str | None = 
         x[miss] = completed[m].detach().cpu().numpy()[miss]
         feats[m] = x
     return write_mmrec(ds, out, features=feats)
+
+
+def retrieval(run: str | Path | LoadedRun, truth: str | Path | None = None, *, nn_k: int = 10,
+              similarity: str = "cosine", device: str | None = "cpu") -> dict[str, Any]:
+    """Cross-modal retrieval of a run's generated features (see :mod:`dgmrec.experiments.retrieval`).
+
+    ``truth`` is a folder of true ``<modality>_feat.npy`` files; by default the run's own dataset, whose masked
+    rows still hold their features.
+    """
+    from dgmrec.experiments.retrieval import SIMILARITIES, cross_modal_retrieval, load_truth
+
+    if similarity not in SIMILARITIES:
+        raise InputError(f"must be one of {', '.join(SIMILARITIES)}, got {similarity!r}", source="--similarity")
+    lr = run if isinstance(run, LoadedRun) else load_run(run, device)
+    gen = lr.model.generate_for_retrieval()
+    if gen is None:
+        raise InputError(f"model {lr.model.name} does not generate features", source="--run")
+    ds = lr.dataset
+    true_features = (load_truth(truth, ds.modalities, ds.n_items) if truth is not None
+                     else {m: np.asarray(ds.features[m]) for m in ds.modalities})
+    return cross_modal_retrieval({m: v.detach().cpu().numpy() for m, v in gen.items()}, ds.observed,
+                                 ds.modalities, true_features, nn_k=nn_k, similarity=similarity)

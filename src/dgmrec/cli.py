@@ -138,20 +138,9 @@ def retrieval(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Cross-modal retrieval (Hit@10/@20, mean rank) of generated features vs the nearest-neighbour baseline."""
-    from dgmrec.experiments.retrieval import SIMILARITIES, cross_modal_retrieval, load_truth
-
-    if similarity not in SIMILARITIES:
-        raise InputError(f"must be one of {', '.join(SIMILARITIES)}, got {similarity!r}", source="--similarity")
-
     lr = api.load_run(run, device)
-    gen = lr.model.generate_for_retrieval()
-    if gen is None:
-        raise InputError(f"model {lr.model.name} does not generate features", source="--run")
+    res = api.retrieval(lr, truth, nn_k=nn_k, similarity=similarity)
     ds = lr.dataset
-    true_features = (load_truth(truth, ds.modalities, ds.n_items) if truth is not None
-                     else {m: np.asarray(ds.features[m]) for m in ds.modalities})
-    res = cross_modal_retrieval({m: v.detach().cpu().numpy() for m, v in gen.items()}, ds.observed,
-                                ds.modalities, true_features, nn_k=nn_k, similarity=similarity)
     chance = res["chance"]
     table = Table(title=f"Cross-modal retrieval ({lr.model.name}, {ds.name}, {similarity} similarity; "
                         f"chance: Hit@10 {chance['hit@10']:.4f}, rank 0.5)")
@@ -186,8 +175,6 @@ def demo(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Train DGMRec and the CF references on the embedded synthetic dataset and print a results table."""
-    from dgmrec.experiments.retrieval import cross_modal_retrieval
-
     ds = api.load_dataset(api.SYNTHETIC)
     st = ds.statistics()
     console.print(f"synthetic dataset: {st['users']} users, {st['items']} items, {st['interactions']} interactions, "
@@ -204,11 +191,7 @@ def demo(
         rows[name] = res["test"]
         extra[name] = {"best_epoch": res["best_epoch"], "seconds_per_epoch": res["seconds_per_epoch"]}
     console.print(_metrics_table("Test metrics on the synthetic dataset (full ranking)", rows, ks=[10, 20]))
-    lr = api.load_run(out / "DGMRec", device)
-    gen = lr.model.generate_for_retrieval()
-    assert gen is not None
-    ret = cross_modal_retrieval({m: v.detach().cpu().numpy() for m, v in gen.items()}, ds.observed,
-                                ds.modalities, ds.features)
+    ret = api.retrieval(out / "DGMRec", device=device)
     one = ret["by_missing_level"].get("1", {})
     every = ret["by_missing_level"].get(str(len(ds.modalities)), {})
     console.print(f"DGMRec ran with {', '.join(f'{k}={v}' for k, v in generation.items())}")

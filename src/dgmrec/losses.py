@@ -26,6 +26,21 @@ def sq_reg(*tensors: torch.Tensor, batch_size: int) -> torch.Tensor:
     return 0.5 * sum(t.pow(2).sum() for t in tensors) / batch_size
 
 
+@torch.no_grad()
+def ridge_fit(z: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge regression ``y ~ z W + b`` in float64, the penalty relative to the mean input variance.
+
+    Returns ``(W, b)`` of shapes ``(d_z, d_y)`` and ``(d_y,)`` in ``z``'s dtype.
+    """
+    zd, yd = z.double(), y.double()
+    z_mean, y_mean = zd.mean(0), yd.mean(0)
+    zc = zd - z_mean
+    gram = zc.T @ zc
+    gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + 1e-12)
+    w = torch.linalg.solve(gram, zc.T @ (yd - y_mean))
+    return w.to(z.dtype), (y_mean - z_mean @ w).to(z.dtype)
+
+
 class _CosineNCE(torch.autograd.Function):
     """InfoNCE on already L2-normalised rows, with its gradient computed during the forward pass.
 

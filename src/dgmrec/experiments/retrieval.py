@@ -52,13 +52,6 @@ def target_ranks(queries: torch.Tensor, targets: np.ndarray, candidates: torch.T
     return out
 
 
-def hit_rates(queries: torch.Tensor, targets: np.ndarray, candidates: torch.Tensor,
-              ks: Sequence[int]) -> dict[int, np.ndarray]:
-    """Per-query hits: is ``targets[q]`` among the top-K cosine neighbours of query ``q`` in ``candidates``."""
-    ranks = target_ranks(queries, targets, candidates)
-    return {k: ranks < k for k in ks}
-
-
 def nn_imputation_queries(items: np.ndarray, target: int, observed: np.ndarray, truth: list[np.ndarray],
                           nn_k: int = 10, chunk: int = 1024) -> np.ndarray:
     """NN-imputed features of ``target`` modality for ``items`` (each missing exactly that modality)."""
@@ -80,18 +73,40 @@ def nn_imputation_queries(items: np.ndarray, target: int, observed: np.ndarray, 
 SIMILARITIES = ("cosine", "centered")
 
 
-def _scores(ranks: np.ndarray, ks: Sequence[int], n: int) -> dict[str, np.ndarray]:
+def rank_scores(ranks: np.ndarray, ks: Sequence[int], n: int) -> dict[str, np.ndarray]:
+    """Per-query ``hit@K`` (0/1) and ``rank`` (share of the other ``n - 1`` candidates at least as similar)."""
     out = {f"hit@{k}": (ranks < k).astype(np.float64) for k in ks}
     out["rank"] = ranks / max(1, n - 1)
     return out
+
+
+class Candidates:
+    """The true features of one modality as retrieval candidates under a similarity (see the module notes).
+
+    ``score(queries, targets, ks)`` ranks each query's target among all candidates and returns
+    :func:`rank_scores`.
+    """
+
+    def __init__(self, true_features: np.ndarray, observed: np.ndarray, similarity: str = "cosine") -> None:
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        true_features = np.asarray(true_features)
+        has_truth = np.isfinite(true_features).all(axis=1)
+        values = np.nan_to_num(true_features).astype(np.float32)
+        self.shift = (values[observed & has_truth].mean(axis=0) if similarity == "centered"
+                      else np.zeros(values.shape[1], dtype=np.float32))
+        self.normed = _normalize(values - self.shift)
+        self.has_truth = has_truth
+
+    def score(self, queries: np.ndarray, targets: np.ndarray, ks: Sequence[int]) -> dict[str, np.ndarray]:
+        ranks = target_ranks(torch.as_tensor(np.asarray(queries) - self.shift), targets, self.normed)
+        return rank_scores(ranks, ks, self.normed.shape[0])
 
 
 def cross_modal_retrieval(generated: dict[str, np.ndarray], observed: np.ndarray, modalities: Sequence[str],
                           truth: dict[str, np.ndarray], ks: Sequence[int] = (10, 20),
                           nn_k: int = 10, similarity: str = "cosine") -> dict[str, Any]:
     """Hit@K and mean rank of generated features (and of the NN baseline) per modality and missing level."""
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     M = len(modalities)
     n = observed.shape[0]
     truth_list = [truth[m] for m in modalities]
@@ -105,15 +120,11 @@ def cross_modal_retrieval(generated: dict[str, np.ndarray], observed: np.ndarray
             totals.setdefault(str(level), {}).setdefault(f"{method}_{key}", []).append(v)
 
     for j, m in enumerate(modalities):
-        has_truth = np.isfinite(truth_list[j]).all(axis=1)
-        items = np.flatnonzero(~observed[:, j] & has_truth)
+        cand = Candidates(truth_list[j], observed[:, j], similarity)
+        items = np.flatnonzero(~observed[:, j] & cand.has_truth)
         if len(items) == 0:
             continue
-        true_j = np.nan_to_num(truth_list[j]).astype(np.float32)
-        shift = (true_j[observed[:, j] & has_truth].mean(axis=0) if similarity == "centered"
-                 else np.zeros(true_j.shape[1], dtype=np.float32))
-        cand = _normalize(true_j - shift)
-        gen = _scores(target_ranks(torch.as_tensor(generated[m][items] - shift), items, cand), ks, n)
+        gen = cand.score(generated[m][items], items, ks)
         for level in range(1, M + 1):
             sel = missing_count[items] == level
             if not sel.any():
@@ -123,8 +134,7 @@ def cross_modal_retrieval(generated: dict[str, np.ndarray], observed: np.ndarray
             if level == 1:
                 nn_items = items[sel]
                 queries = nn_imputation_queries(nn_items, j, observed, truth_list, nn_k)
-                record(row, level, "nn", _scores(target_ranks(torch.as_tensor(queries - shift), nn_items, cand),
-                                                 ks, n))
+                record(row, level, "nn", cand.score(queries, nn_items, ks))
             rows.append(row)
     summary = {level: {key: float(np.concatenate(v).mean()) for key, v in d.items()}
                for level, d in totals.items()}

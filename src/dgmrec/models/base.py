@@ -179,6 +179,10 @@ class Recommender(nn.Module):
         """Generated raw features for *every* item and modality (for cross-modal retrieval), else None."""
         return None
 
+    def generation_inputs(self) -> dict[str, torch.Tensor] | None:
+        """What a generating model decodes into :meth:`generate_for_retrieval`'s features, else None."""
+        return None
+
     # ------------------------------------------------------------ extra state
     def get_extra_state(self) -> dict[str, Any]:
         return {}

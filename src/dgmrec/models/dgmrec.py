@@ -54,7 +54,16 @@ from dgmrec.graphs import (
     mean_aggregator,
     normalized_adjacency,
 )
-from dgmrec.losses import CLUBSample, TableGradient, bpr_loss, info_nce, linear_mse, perturb, table_linear
+from dgmrec.losses import (
+    CLUBSample,
+    TableGradient,
+    bpr_loss,
+    info_nce,
+    linear_mse,
+    perturb,
+    ridge_fit,
+    table_linear,
+)
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
 _CHOICES = {
@@ -478,23 +487,18 @@ class DGMRec(Recommender):
         The rows are those of the reconstruction objective, restricted to the items in ``among`` if given.
         """
         for j, dec in enumerate(self.decoder):
-            z = inputs[j].double()
+            z = inputs[j]
             rows, y = self._recon_target(j)
-            y = y.detach().double()
+            y = y.detach()
             if among is not None:
                 rows = among if rows is None else rows & among
             if rows is not None:
                 z, y = z[rows], y[rows]
             if len(z) < 2:
                 continue
-            z_mean, y_mean = z.mean(0), y.mean(0)
-            zc = z - z_mean
-            gram = zc.T @ zc
-            lam = self.decoder_ridge * float(gram.diagonal().mean()) + 1e-12
-            gram.diagonal().add_(lam)
-            w = torch.linalg.solve(gram, zc.T @ (y - y_mean))  # (2d, d_m)
-            dec.weight.copy_(w.T.float())
-            dec.bias.copy_((y_mean - z_mean @ w).float())
+            w, b = ridge_fit(z, y, self.decoder_ridge)  # (2d, d_m), (d_m,)
+            dec.weight.copy_(w.T)
+            dec.bias.copy_(b)
 
     @torch.no_grad()
     def _write(self, generated: list[torch.Tensor], rows: list[np.ndarray]) -> None:

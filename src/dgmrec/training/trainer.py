@@ -169,6 +169,8 @@ class Trainer:
             train_seconds = list(state["train_seconds"])
             eval_seconds = list(state["eval_seconds"])
             start_epoch = int(state["epoch"])
+        # patience counts once the BPR loss has fallen below the threshold (entries without BPR: from the start)
+        fitting = bpr_below <= 0 or any(e.get("bpr", 0.0) < bpr_below for e in history)
         # everything is validated and built: only now touch the run directory
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg), sort_keys=True))
@@ -210,6 +212,7 @@ class Trainer:
             entry.update({k: round(v / max(1, n_batches), 6) for k, v in totals.items()})
             entry["train_seconds"] = round(train_seconds[-1], 4)
             entry["lr"] = optimizer.param_groups[0]["lr"]
+            fitting = fitting or entry.get("bpr", 0.0) < bpr_below
             evaluated = (epoch + 1) % eval_step == 0 or epoch + 1 == epochs
             if evaluated:
                 t1 = time.perf_counter()
@@ -221,8 +224,7 @@ class Trainer:
                 eval_seconds.append(time.perf_counter() - t1)
                 entry["valid"] = _round(valid)
                 entry["eval_seconds"] = round(eval_seconds[-1], 4)
-                counting = bpr_below <= 0 or any(e.get("bpr", 0.0) < bpr_below for e in (*history, entry))
-                if stopper.update(valid[self.valid_metric], epoch, counting):
+                if stopper.update(valid[self.valid_metric], epoch, fitting):
                     with torch.no_grad():
                         tests = {s: evaluator.evaluate(model.score_users, s, self.device)
                                  for s in evaluator.splits if s != "valid"}
