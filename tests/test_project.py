@@ -16,14 +16,16 @@ def quickstart_lines() -> list[str]:
     return [line for line in block.group(1).splitlines() if line.strip()]
 
 
-def test_quickstart_has_two_commands_and_ci_runs_the_second():
+def test_quickstart_has_two_commands_and_ci_runs_both():
     lines = quickstart_lines()
     assert len(lines) == 2
     assert "dgmrec demo" in lines[0] and "pytest" in lines[1]
     ci = (ROOT / ".ci" / "run").read_text()
-    extracted = subprocess.run(["bash", "-c", ci.split('cmd=$(', 1)[1].split(")\n", 1)[0]], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    assert extracted == lines[1]
+    extract = ci.split("mapfile -t cmds < <(", 1)[1].split(")\n", 1)[0]
+    extracted = subprocess.run(["bash", "-c", extract], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    assert extracted == lines
+    assert "for i in 0 1" in ci and "rm -rf .venv" in ci  # each command in a fresh environment
 
 
 def test_no_eval_and_safe_checkpoint_loading():

@@ -2,7 +2,16 @@
 
 Public API (see :mod:`dgmrec.api`): :func:`load_dataset`, :func:`train`, :func:`load_run`,
 :func:`recommend`, :func:`generate`; models are listed by :func:`dgmrec.models.available_models`.
+
+Importing the package sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment already sets a policy: OpenMP
+threads that spin while waiting for a descheduled sibling make training collapse on a machine where other work
+runs too (an order of magnitude slower per epoch). It takes effect only when PyTorch is imported after
+``dgmrec``, as the command line and ``import dgmrec`` do.
 """
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from dgmrec.api import generate, load_dataset, load_run, recommend, train
 from dgmrec.data.dataset import RecDataset

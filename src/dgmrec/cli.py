@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import numpy as np
 import typer
 from rich.console import Console
@@ -308,24 +307,53 @@ def _mount_optional() -> None:
 _mount_optional()
 
 
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """The exception classes the installed typer raises for command-line usage errors.
+
+    typer exposes them through its public ``typer.exceptions`` module (recent releases, which bundle their own
+    copy of click) or, in older releases, through ``click``; both are looked up so that neither kind of release
+    lets a usage error escape as a traceback.
+    """
+    import importlib
+
+    types: list[type[BaseException]] = []
+    for module, name in (("typer.exceptions", "TyperException"), ("click.exceptions", "ClickException")):
+        try:
+            types.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(types)
+
+
+def _usage_line(exc: BaseException) -> str:
+    """One line for a usage error: the command path and the problem (typer's message names the option)."""
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    message = " ".join(str(message).split())
+    ctx = getattr(exc, "ctx", None)
+    where = getattr(ctx, "command_path", "") or "dgmrec"
+    return f"error: {where}: {message}"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning bad input into one line on stderr and exit code 2."""
+    """Entry point: run the CLI, turning bad input and usage errors into one line on stderr and exit code 2."""
+    usage_errors = _usage_error_types()
     try:
-        app(args=argv, standalone_mode=False, prog_name="dgmrec")
+        code = app(args=argv, standalone_mode=False, prog_name="dgmrec")
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(1)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(2)
+    except (typer.Exit, typer.Abort) as exc:
+        sys.exit(getattr(exc, "exit_code", 1))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-
+    except usage_errors as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: show its help
+            print(exc.format_message() if hasattr(exc, "format_message") else exc)  # type: ignore[union-attr]
+            sys.exit(0)
+        print(_usage_line(exc), file=sys.stderr)
+        sys.exit(int(getattr(exc, "exit_code", 2)) or 2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 if __name__ == "__main__":
     main()
