@@ -48,8 +48,7 @@ def check_shapes(model: Recommender, ds: RecDataset) -> None:
 def _steps(model: Recommender, ds: RecDataset, n_epochs: int, lr: float = 0.01, batch_size: int = 256,
            seed: int = 0) -> list[float]:
     sampler = NegativeSampler(ds.train, ds.n_items, ds.new_items, seed=seed)
-    params = [p for p in model.parameters() if p.requires_grad and not getattr(p, "_exclude_main_opt", False)]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(model.optimizer_groups(), lr=lr)
     losses = []
     for epoch in range(n_epochs):
         model.train()
@@ -78,9 +77,9 @@ def check_gradients(model: Recommender, ds: RecDataset, skip: Iterable[str] = ()
     batch = next(iter(sampler.epoch(len(ds.train), bool(model.config.get("use_neg_sampling", True)))))
     model.zero_grad()
     model.loss(batch).total.backward()
+    optimized = {id(p) for g in model.optimizer_groups() for p in g["params"]}
     missing = [n for n, p in model.named_parameters()
-               if p.requires_grad and not getattr(p, "_exclude_main_opt", False)
-               and not any(s in n for s in skip)
+               if id(p) in optimized and not any(s in n for s in skip)
                and (p.grad is None or not torch.any(p.grad != 0))]
     assert not missing, f"no gradient reaches: {missing}"
 

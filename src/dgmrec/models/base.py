@@ -166,9 +166,13 @@ class Recommender(nn.Module):
     def before_evaluation(self, epoch: int) -> None:
         """Called before each evaluation pass (before :meth:`prepare_eval`)."""
 
-    def extra_optimizer_groups(self) -> list[dict[str, Any]]:
-        """Extra parameter groups for the main optimiser (default none)."""
-        return []
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups of the trainer's optimiser (``torch.optim`` format; a group may set its own ``lr``).
+
+        Default: one group with every trainable parameter. A model whose auxiliary parts are trained by an
+        optimiser of its own (DGMRec's CLUB estimators) leaves them out here.
+        """
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     # ------------------------------------------------------------ generation
     def completed_features(self) -> dict[str, torch.Tensor] | None:

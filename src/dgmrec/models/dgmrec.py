@@ -205,8 +205,6 @@ class DGMRec(Recommender):
         club_mods = list(range(M)) if self.opts["club_modalities"] == "all" else [0, 1]
         self.club_mods = club_mods if self.w["sampler"] > 0 else []
         self.club = nn.ModuleList(CLUBSample(d, d, int(c["club_hidden"]) // 2) for _ in self.club_mods)
-        for p in self.club.parameters():
-            p._exclude_main_opt = True  # type: ignore[attr-defined]
         self.club_optimizer = (torch.optim.Adam(self.club.parameters(), lr=float(c["club_lr"]))
                                if self.club_mods else None)
         self.club_steps = int(c["club_steps"])
@@ -217,6 +215,11 @@ class DGMRec(Recommender):
         self.train_graphs: list[SparseOp] = []
         self.infer_graphs: list[SparseOp] = []
         self._build_initial_graphs()
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """Everything but the CLUB estimators, which ``before_epoch`` trains with their own optimiser."""
+        own = {id(p) for p in self.club.parameters()}
+        return [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in own]}]
 
     # ------------------------------------------------------------------------------------------ graphs
     def _build_initial_graphs(self) -> None:

@@ -136,10 +136,10 @@ class Trainer:
         fingerprint = dataset_fingerprint(self.ds)
         seed_everything(seed)
         model = build_model(self.model_name, self.ds, cfg, self.device)
-        params = [p for p in model.parameters() if p.requires_grad and not getattr(p, "_exclude_main_opt", False)]
+        groups = model.optimizer_groups()
         # the fused kernel updates all parameters in one pass (same maths as the per-parameter loop)
-        optimizer = torch.optim.Adam(params, lr=float(cfg["learning_rate"]), weight_decay=float(cfg["weight_decay"]),
-                                     fused=all(p.is_floating_point() for p in params))
+        optimizer = torch.optim.Adam(groups, lr=float(cfg["learning_rate"]), weight_decay=float(cfg["weight_decay"]),
+                                     fused=all(p.is_floating_point() for g in groups for p in g["params"]))
         a, b = (float(v) for v in cfg["learning_rate_scheduler"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: a ** (e / b))
         sampler = NegativeSampler(self.ds.train, self.ds.n_items, self.ds.new_items, seed=seed, device=self.device)
