@@ -50,9 +50,7 @@ def run_case(model: str, case: str, shared: Path, epochs: int, work: Path) -> di
     """Runs inside the child process."""
     import torch
 
-    from dgmrec.api import load_dataset
-    from dgmrec.config import resolve_config
-    from dgmrec.training.trainer import Trainer
+    from dgmrec.api import load_dataset, train
 
     if case == "tiktok":
         ds = load_dataset(shared / "data" / "tiktok", modalities=["image", "audio"],
@@ -60,9 +58,9 @@ def run_case(model: str, case: str, shared: Path, epochs: int, work: Path) -> di
     else:
         ds = load_dataset(baby_placeholder(shared, work),
                           mask=shared / "data" / "amazon-graphs" / "baby" / "missing_items_0.666.npy")
-    cfg, _ = resolve_config(model, ds.name, overrides={"epochs": epochs, "eval_step": 1, "stopping_step": 1000})
     t0 = time.perf_counter()
-    res = Trainer(model, ds, cfg, work / f"{model}_{case}", progress=False).fit().results
+    res = train(model, ds, out=work / f"{model}_{case}", overrides={"epochs": epochs, "eval_step": 1,
+                                                                    "stopping_step": 1000}, progress=False)
     log = [json.loads(line) for line in (work / f"{model}_{case}" / "log.jsonl").read_text().splitlines()]
     train_s = [e["train_seconds"] for e in log]
     eval_s = [e["eval_seconds"] for e in log if "eval_seconds" in e]

@@ -19,9 +19,10 @@ import torch
 from dgmrec.config import resolve_config
 from dgmrec.data.dataset import RecDataset
 from dgmrec.evaluation.protocol import Evaluator
+from dgmrec.models import build_model
 from dgmrec.models.base import Recommender
 from dgmrec.training.sampler import NegativeSampler
-from dgmrec.training.trainer import Trainer, build_model, seed_everything
+from dgmrec.training.trainer import Trainer, seed_everything
 
 
 def config_for(model: str, ds: RecDataset, **overrides: Any) -> dict[str, Any]:
@@ -33,6 +34,12 @@ def config_for(model: str, ds: RecDataset, **overrides: Any) -> dict[str, Any]:
 def make_model(model: str, ds: RecDataset, seed: int = 0, **overrides: Any) -> Recommender:
     seed_everything(seed)
     return build_model(model, ds, config_for(model, ds, **overrides))
+
+
+def make_trainer(model: str, ds: RecDataset, config: dict[str, Any], out, **options: Any) -> Trainer:
+    """A trainer of a fresh ``model`` built after seeding with ``config["seed"]`` (as ``dgmrec.train`` does)."""
+    seed_everything(int(config["seed"]))
+    return Trainer(build_model(model, ds, config), ds, config, out, progress=False, **options)
 
 
 def check_shapes(model: Recommender, ds: RecDataset) -> None:
@@ -94,7 +101,7 @@ def popularity_recall(ds: RecDataset, split: str = "valid", metric: str = "recal
 def trained_metrics(model_name: str, ds: RecDataset, tmp_path, epochs: int = 20, seed: int = 0,
                     **overrides: Any) -> dict[str, Any]:
     cfg = config_for(model_name, ds, epochs=epochs, eval_step=epochs, seed=seed, **overrides)
-    return Trainer(model_name, ds, cfg, tmp_path, progress=False).fit().results
+    return make_trainer(model_name, ds, cfg, tmp_path).fit().results
 
 
 def check_beats_popularity(model_name: str, ds: RecDataset, tmp_path, epochs: int = 20, **overrides: Any) -> None:

@@ -69,15 +69,16 @@ def test_recommend_reproduces_test_metrics(trained, folder, capsys):
 def test_resume_gives_identical_metrics(folder, tmp_path):
     from dgmrec.api import load_dataset
     from dgmrec.config import resolve_config
-    from dgmrec.training.trainer import Trainer
+    from model_checks import make_trainer
 
     ds = load_dataset(folder)
     cfg, _ = resolve_config("DGMRec", "syn", overrides={"epochs": 6, "train_batch_size": 256,
                                                         "refresh_interval": 2})
-    full = Trainer("DGMRec", ds, cfg, tmp_path / "full", progress=False).fit().results
-    killed = Trainer("DGMRec", ds, cfg, tmp_path / "part", progress=False, stop_after_epochs=3).fit()
-    assert killed.results.get("interrupted")
-    resumed = Trainer("DGMRec", ds, cfg, tmp_path / "part", progress=False).fit(resume=True).results
+    full = make_trainer("DGMRec", ds, cfg, tmp_path / "full").fit().results
+    killed = make_trainer("DGMRec", ds, cfg, tmp_path / "part")
+    for _ in range(3):  # then the process dies
+        killed.run_epoch()
+    resumed = make_trainer("DGMRec", ds, cfg, tmp_path / "part").fit(resume=True).results
     assert resumed["test"] == full["test"] and resumed["best_epoch"] == full["best_epoch"]
     log = (tmp_path / "part" / "log.jsonl").read_text().splitlines()
     assert len(log) == 6
@@ -137,6 +138,12 @@ def test_bad_inputs(folder, trained, tmp_path, capsys):
     bad(capsys, ["train", "--model", "DGMRec", "--data", d, "--out", out, "--modalities", "image,smell"],
         "unknown modality 'smell'")
     bad(capsys, ["train", "--model", "DGMRec", "--data", str(tmp_path / "none"), "--out", out], "not found")
+    bad(capsys, ["train", "--model", "DGMRec", "--data", d, "--out", out, "--set", "epochs=-1"],
+        "key 'epochs' must be at least 1")
+    bad(capsys, ["train", "--model", "DGMRec", "--data", "synthetic(seed=x)", "--out", out], "data: expected synthetic")
+    # nothing to resume: an error, not a fresh run
+    bad(capsys, ["train", "--model", "DGMRec", "--data", d, "--out", out, "--resume", "-q"], "--resume")
+    assert not (tmp_path / "x").exists()
     cfg = tmp_path / "c.yaml"
     cfg.write_text("learning_rate: [1, 2\n")
     bad(capsys, ["train", "--model", "DGMRec", "--data", d, "--out", out, "--config", str(cfg)], "not valid YAML")

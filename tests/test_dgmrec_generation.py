@@ -11,8 +11,7 @@ from dgmrec.config import resolve_config
 from dgmrec.data.synthetic import make_synthetic
 from dgmrec.errors import ConfigError
 from dgmrec.experiments.retrieval import _normalize, cross_modal_retrieval, target_ranks
-from dgmrec.training.trainer import Trainer
-from model_checks import make_model
+from model_checks import make_model, make_trainer
 
 CLEAN = {"generation_space": "raw", "recon_target": "original", "decoder_fit": "least_squares"}
 
@@ -45,7 +44,7 @@ def test_least_squares_needs_a_consistent_space(small2):
 def _retrieval_after_training(ds, tmp_path, **overrides):
     """Retrieval summary (by missing level) of DGMRec trained 20 epochs on ``ds`` with ``overrides``."""
     cfg, _ = resolve_config("DGMRec", ds.name, overrides={"epochs": 20, "eval_step": 20, **overrides})
-    model = Trainer("DGMRec", ds, cfg, tmp_path, progress=False).fit().model
+    model = make_trainer("DGMRec", ds, cfg, tmp_path).fit().model
     gen = model.generate_for_retrieval()
     feats = {m: np.asarray(ds.features[m]) for m in ds.modalities}
     return cross_modal_retrieval({m: v.detach().numpy() for m, v in gen.items()}, ds.observed, ds.modalities,

@@ -1,7 +1,8 @@
 """dgmrec: multimodal recommendation when item modalities are missing.
 
 Public API (see :mod:`dgmrec.api`): :func:`load_dataset`, :func:`train`, :func:`load_run`,
-:func:`recommend`, :func:`generate`; models are listed by :func:`dgmrec.models.available_models`.
+:func:`recommend`, :func:`generate`, :class:`DatasetSpec`; models are listed by
+:func:`dgmrec.models.available_models`.
 
 Importing the package sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment already sets a policy: OpenMP
 threads that spin while waiting for a descheduled sibling make training collapse on a machine where other work
@@ -15,9 +16,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from dgmrec.api import generate, load_dataset, load_run, recommend, train
 from dgmrec.data.dataset import RecDataset
+from dgmrec.data.spec import DatasetSpec
 from dgmrec.errors import ConfigError, DataError, InputError
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "DataError", "InputError", "RecDataset", "generate", "load_dataset", "load_run",
-           "recommend", "train"]
+__all__ = ["ConfigError", "DataError", "DatasetSpec", "InputError", "RecDataset", "generate", "load_dataset",
+           "load_run", "recommend", "train"]

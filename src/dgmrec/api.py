@@ -19,64 +19,51 @@ import torch
 
 from dgmrec.config import resolve_config
 from dgmrec.data.dataset import RecDataset
-from dgmrec.data.masks import parse_letters
-from dgmrec.data.mmrec import load_mmrec, write_mmrec
-from dgmrec.data.synthetic import make_synthetic
+from dgmrec.data.mmrec import write_mmrec
+from dgmrec.data.spec import SYNTHETIC, DatasetSpec
 from dgmrec.errors import DataError, InputError
-from dgmrec.models import canonical_name
+from dgmrec.models import build_model, canonical_name
 from dgmrec.models.base import Recommender
 from dgmrec.training.checkpoint import check_fingerprint, load_checkpoint
-from dgmrec.training.trainer import Trainer, build_model, resolve_device
+from dgmrec.training.trainer import Trainer, resolve_device, seed_everything
 
-SYNTHETIC = "synthetic"
+__all__ = ["SYNTHETIC", "DatasetSpec", "LoadedRun", "generate", "load_dataset", "load_run", "recommend", "retrieval",
+           "train"]
+
+
+def dataset_spec(
+    data: DatasetSpec | str | Path,
+    *,
+    modalities: Sequence[str] | str | None = None,
+    mask: str | Path | None = None,
+    mask_letters: str | Mapping[str, str] | None = None,
+    setting: str = "missing",
+) -> DatasetSpec:
+    """``data`` itself when it is a :class:`DatasetSpec` (then the options must be left out), else the spec of
+    the folder or synthetic dataset ``data`` with the given options."""
+    if isinstance(data, DatasetSpec):
+        if modalities or mask or mask_letters or setting != "missing":
+            raise InputError("pass the dataset options inside the DatasetSpec, not beside it", source="data")
+        return data
+    return DatasetSpec(data, modalities=modalities, mask=mask, mask_letters=mask_letters, setting=setting)
 
 
 def load_dataset(
-    data: str | Path,
+    data: DatasetSpec | str | Path,
     *,
     modalities: Sequence[str] | str | None = None,
     mask: str | Path | None = None,
     mask_letters: str | Mapping[str, str] | None = None,
     setting: str = "missing",
 ) -> RecDataset:
-    """Load an MMRec folder, or the embedded synthetic dataset when ``data == "synthetic"``."""
-    if isinstance(modalities, str):
-        modalities = [m.strip() for m in modalities.split(",") if m.strip()]
-    letters = mask_letters if isinstance(mask_letters, Mapping) or mask_letters is None else parse_letters(
-        mask_letters)
-    if str(data) == SYNTHETIC or str(data).startswith(SYNTHETIC + "(seed="):
-        seed = int(str(data)[len(SYNTHETIC) + 6:-1]) if str(data) != SYNTHETIC else 0
-        ds = make_synthetic(seed=seed)
-        if modalities:
-            ds = ds.select_modalities(list(modalities))
-        if mask is not None:
-            raise DataError("the synthetic dataset carries its own mask", source="--mask")
-        if setting == "new-items":
-            from dgmrec.data.masks import draw_new_items
-            from dgmrec.data.mmrec import make_new_item_split
-
-            counts = np.bincount(ds.train[:, 1], minlength=ds.n_items)
-            ds = make_new_item_split(ds, draw_new_items(counts))
-        elif setting != "missing":
-            raise DataError(f"unknown setting {setting!r}; use missing or new-items", source="--setting")
-        return ds
-    return load_mmrec(data, modalities=modalities, mask=mask, mask_letters=letters, setting=setting)
-
-
-def _run_info(data: str | Path, modalities: Sequence[str] | None, mask: str | Path | None,
-              mask_letters: Any, setting: str) -> dict[str, Any]:
-    return {
-        "data": str(data) if str(data).startswith(SYNTHETIC) else str(Path(data).resolve()),
-        "modalities": list(modalities) if modalities else [],
-        "mask": str(Path(mask).resolve()) if mask else "",
-        "mask_letters": mask_letters if isinstance(mask_letters, str) else "",
-        "setting": setting,
-    }
+    """Load an MMRec folder, the embedded synthetic dataset (``"synthetic"`` or ``"synthetic(seed=N)"``), or
+    what a :class:`DatasetSpec` describes."""
+    return dataset_spec(data, modalities=modalities, mask=mask, mask_letters=mask_letters, setting=setting).load()
 
 
 def train(
     model: str,
-    data: RecDataset | str | Path,
+    data: RecDataset | DatasetSpec | str | Path,
     *,
     out: str | Path,
     config_file: str | Path | None = None,
@@ -91,48 +78,67 @@ def train(
     setting: str = "missing",
     use_best: bool = True,
 ) -> dict[str, Any]:
-    """Train ``model`` and write the run directory; returns the content of ``results.json``."""
+    """Train ``model`` and write the run directory; returns the content of ``results.json``.
+
+    ``data`` is a loaded dataset (recorded as :meth:`DatasetSpec.of_dataset`), a spec, or a folder /
+    ``"synthetic"`` with the dataset options. ``resume`` continues the run in ``out`` (an error if it has no
+    checkpoint).
+    """
     name = canonical_name(model)
-    if isinstance(modalities, str):
-        modalities = [m.strip() for m in modalities.split(",") if m.strip()]
     if isinstance(data, RecDataset):
-        ds, info = data, {"data": data.source, "modalities": data.modalities, "mask": "", "mask_letters": "",
-                          "setting": data.setting}
+        if modalities or mask or mask_letters or setting != "missing":
+            raise InputError("a loaded dataset takes no dataset options; pass a DatasetSpec", source="data")
+        ds, spec = data, DatasetSpec.of_dataset(data)
     else:
-        ds = load_dataset(data, modalities=modalities, mask=mask, mask_letters=mask_letters, setting=setting)
-        info = _run_info(data, modalities, mask, mask_letters, setting)
+        spec = dataset_spec(data, modalities=modalities, mask=mask, mask_letters=mask_letters, setting=setting)
+        ds = spec.load()
     over = dict(overrides or {})
     if seed is not None:
         over["seed"] = int(seed)
     cfg, layers = resolve_config(name, ds.name, file=config_file, overrides=over, use_best=use_best)
-    info["config_layers"] = layers
-    info["model"] = name
-    trainer = Trainer(name, ds, cfg, out, device=device, run_info=info, progress=progress)
+    dev = resolve_device(device)
+    seed_everything(int(cfg["seed"]))
+    net = build_model(name, ds, cfg, dev)
+    trainer = Trainer(net, ds, cfg, out, spec=spec.resolved(), run_info={"config_layers": layers, "model": name},
+                      progress=progress)
     return trainer.fit(resume=resume).results
 
 
 @dataclass
 class LoadedRun:
-    """A trained run: its model (best checkpoint), dataset and configuration."""
+    """A trained run: its model (best checkpoint), dataset (rebuilt from ``spec``) and configuration."""
 
     model: Recommender
     dataset: RecDataset
     config: dict[str, Any]
     run: dict[str, Any]
+    spec: DatasetSpec
 
 
-def load_run(run_dir: str | Path, device: str | None = "cpu", data: str | Path | None = None) -> LoadedRun:
-    """Rebuild the dataset of a run and load its best checkpoint (``weights_only=True``)."""
+def load_run(run_dir: str | Path, device: str | None = "cpu",
+             data: DatasetSpec | str | Path | None = None) -> LoadedRun:
+    """Rebuild the dataset of a run from its recorded spec and load its best checkpoint (``weights_only=True``).
+
+    ``data`` replaces the recorded dataset: a whole spec, or a folder that takes the place of the recorded one
+    (with the recorded modalities, mask and setting). Runs written before specs were recorded are read too.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError("run directory not found", source=str(run_dir))
     state = load_checkpoint(run_dir / "best.pt")
     run = dict(state.get("run", {}))
-    source = data if data is not None else run.get("data")
-    if not source:
+    if isinstance(data, DatasetSpec):
+        spec = data
+    elif "dataset_spec" in run or run.get("data"):
+        spec = DatasetSpec.of_run(run)
+        if data is not None:
+            spec = DatasetSpec(data, modalities=spec.modalities, mask=spec.mask, mask_letters=spec.mask_letters,
+                               setting=spec.setting)
+    elif data is not None:
+        spec = DatasetSpec(data)
+    else:
         raise DataError("the checkpoint does not record its dataset; pass --data", source=str(run_dir))
-    ds = load_dataset(source, modalities=run.get("modalities") or None, mask=run.get("mask") or None,
-                      mask_letters=run.get("mask_letters") or None, setting=run.get("setting", "missing"))
+    ds = spec.load()
     check_fingerprint(state["dataset"], ds, str(run_dir / "best.pt"))
     dev = resolve_device(device)
     # options added after the run was trained take their defaults
@@ -146,7 +152,7 @@ def load_run(run_dir: str | Path, device: str | None = "cpu", data: str | Path |
         raise DataError(f"checkpoint does not match the model ({str(exc).splitlines()[0]})",
                         source=str(run_dir / "best.pt")) from None
     model.eval()
-    return LoadedRun(model=model, dataset=ds, config=cfg, run=run)
+    return LoadedRun(model=model, dataset=ds, config=cfg, run=run, spec=spec)
 
 
 def recommend(run: str | Path | LoadedRun, k: int = 10, users: Sequence[int] | None = None,

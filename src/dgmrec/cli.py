@@ -26,7 +26,8 @@ app.add_typer(data_app, name="data")
 console = Console() if sys.stdout.isatty() else Console(width=160)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name (see `dgmrec models`).")]
-DataOpt = Annotated[str, typer.Option("--data", "-d", help="MMRec dataset folder, or 'synthetic'.")]
+DataOpt = Annotated[str, typer.Option("--data", "-d",
+                                      help="MMRec dataset folder, or 'synthetic' / 'synthetic(seed=N)'.")]
 ModalitiesOpt = Annotated[str | None, typer.Option("--modalities", help="Comma-separated subset, e.g. image,audio.")]
 MaskOpt = Annotated[Path | None, typer.Option("--mask", help="Mask file: reference pickle or plain .npz.")]
 LettersOpt = Annotated[str | None, typer.Option("--mask-letters",
@@ -71,9 +72,9 @@ def train(
     """Train a model, evaluate it with the full-ranking protocol and write RUN_DIR/results.json."""
     from dgmrec.config import parse_set
 
-    results = api.train(model, data, out=out, config_file=config, overrides=parse_set(set_ or []), seed=seed,
-                        device=device, resume=resume, progress=not quiet, modalities=modalities, mask=mask,
-                        mask_letters=mask_letters, setting=setting, use_best=not no_best)
+    spec = api.DatasetSpec(data, modalities=modalities, mask=mask, mask_letters=mask_letters, setting=setting)
+    results = api.train(model, spec, out=out, config_file=config, overrides=parse_set(set_ or []), seed=seed,
+                        device=device, resume=resume, progress=not quiet, use_best=not no_best)
     rows = {"valid": results["valid"], "test": results["test"]}
     if "test_new_items" in results:
         rows["test (new items only)"] = results["test_new_items"]
@@ -212,7 +213,7 @@ def data_check(
     setting: SettingOpt = "missing",
 ) -> None:
     """Validate a dataset folder and print its statistics."""
-    ds = api.load_dataset(folder, modalities=modalities, mask=mask, mask_letters=mask_letters, setting=setting)
+    ds = api.DatasetSpec(folder, modalities=modalities, mask=mask, mask_letters=mask_letters, setting=setting).load()
     st = ds.statistics()
     table = Table(title=f"dataset {ds.name}: OK")
     table.add_column("statistic")

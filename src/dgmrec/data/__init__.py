@@ -1,4 +1,4 @@
-"""Data layer: MMRec folders, raw interactions, masks, imputation and the synthetic dataset."""
+"""Data layer: MMRec folders, raw interactions, masks, imputation, the synthetic dataset and dataset specs."""
 
 from dgmrec.data.dataset import RecDataset
 from dgmrec.data.impute import impute_features
@@ -12,9 +12,11 @@ from dgmrec.data.masks import (
 )
 from dgmrec.data.mmrec import load_mmrec, make_new_item_split, write_mmrec
 from dgmrec.data.raw import read_raw_interactions
+from dgmrec.data.spec import DatasetSpec
 from dgmrec.data.synthetic import make_synthetic
 
 __all__ = [
+    "DatasetSpec",
     "RecDataset",
     "generate_missing_mask",
     "impute_features",

@@ -18,14 +18,6 @@ import numpy as np
 METRICS = ("recall", "ndcg", "precision", "map", "hit")
 
 
-def hit_matrix(topk: np.ndarray, truth: Sequence[np.ndarray] | Sequence[set[int]]) -> np.ndarray:
-    """``(n_users, K)`` bool matrix: whether each ranked item is in the user's ground truth."""
-    out = np.zeros(topk.shape, dtype=bool)
-    for row, (items, gt) in enumerate(zip(topk, truth, strict=True)):
-        out[row] = np.isin(items, np.fromiter(gt, dtype=np.int64) if isinstance(gt, set) else gt)
-    return out
-
-
 def metrics_from_hits(hits: np.ndarray, n_truth: np.ndarray, ks: Sequence[int],
                       metrics: Sequence[str] = METRICS) -> dict[str, np.ndarray]:
     """Per-user metric vectors keyed like ``"recall@20"`` from a hit matrix and ground-truth sizes."""

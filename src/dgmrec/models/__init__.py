@@ -1,13 +1,18 @@
-"""Model registry: every recommender registers under its ``name``.
+"""Model registry: every recommender registers under its ``name``, and the factory that builds one.
 
->>> from dgmrec.models import get_model_class, available_models
+>>> from dgmrec.models import available_models, build_model
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Mapping
+from typing import Any
 
+import torch
+
+from dgmrec.data.dataset import RecDataset
 from dgmrec.errors import ConfigError
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
@@ -36,10 +41,6 @@ def _module_exists(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def register(name: str, module: str) -> None:
-    _REGISTRY[name] = module
-
-
 def available_models() -> list[str]:
     """Registered models whose implementation is installed."""
     return sorted(name for name, module in _REGISTRY.items() if _module_exists(module))
@@ -64,5 +65,17 @@ def get_model_class(name: str) -> type[Recommender]:
     raise ConfigError(f"model module {_REGISTRY[name]} defines no model named {name}")
 
 
-__all__ = ["Batch", "LossOutput", "ModelInput", "Recommender", "available_models", "canonical_name",
-           "get_model_class", "register"]
+def build_model(name: str, ds: RecDataset, config: Mapping[str, Any],
+                device: torch.device | str = "cpu") -> Recommender:
+    """The model ``name`` on ``ds`` with ``config``, on ``device``.
+
+    Parameters are initialised from torch's global generator: seed it first (``training.seed_everything``) for
+    a reproducible model.
+    """
+    cls = get_model_class(name)
+    data = ModelInput.from_dataset(ds, imputation=str(config.get("missing_imputation", "mean")), device=device)
+    return cls(data, config).to(device)
+
+
+__all__ = ["Batch", "LossOutput", "ModelInput", "Recommender", "available_models", "build_model",
+           "canonical_name", "get_model_class"]

@@ -1,6 +1,16 @@
 """The training loop: BPR batches, Adam with the reference LR schedule, evaluation, early stopping,
 atomic checkpoints and exact resumption.
 
+:class:`Trainer` trains a built model in named steps that :meth:`Trainer.fit` composes::
+
+    restore()                  # optional: continue from checkpoint.pt (resume)
+    open_run()                 # write config.yaml, (re)write log.jsonl
+    run_epoch()                # until finished:
+        train_epoch(epoch)     #   hooks + one pass over the BPR batches -> log entry
+        evaluate(epoch)        #   every eval_step epochs: validation; on a new best test splits + best.pt
+        save_checkpoint()      #   after every evaluation and after the last epoch
+    write_results()            # results.json
+
 Run directory layout::
 
     config.yaml      resolved configuration       log.jsonl      one line per epoch
@@ -13,7 +23,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +32,12 @@ import numpy as np
 import torch
 import yaml
 
+from dgmrec.config import check_values
 from dgmrec.data.dataset import RecDataset
+from dgmrec.data.spec import DatasetSpec
 from dgmrec.errors import ConfigError
 from dgmrec.evaluation.protocol import Evaluator
-from dgmrec.models import get_model_class
-from dgmrec.models.base import ModelInput, Recommender
+from dgmrec.models.base import Recommender
 from dgmrec.training.checkpoint import check_fingerprint, dataset_fingerprint, load_checkpoint, save_atomic
 from dgmrec.training.sampler import NegativeSampler
 
@@ -45,14 +56,6 @@ def resolve_device(device: str | None) -> torch.device:
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise ConfigError(f"unknown device {device!r}; use cpu, cuda or auto", source="--device")
     return torch.device(device)
-
-
-def build_model(name: str, ds: RecDataset, config: dict[str, Any],
-                device: torch.device | str = "cpu") -> Recommender:
-    cls = get_model_class(name)
-    data = ModelInput.from_dataset(ds, imputation=str(config.get("missing_imputation", "mean")), device=device)
-    model = cls(data, config)
-    return model.to(device)
 
 
 @dataclass
@@ -100,27 +103,56 @@ def _round(d: dict[str, float], n: int = 6) -> dict[str, float]:
 
 
 class Trainer:
-    """Trains one model on one dataset into a run directory (see module docstring)."""
+    """Trains ``model`` (built on ``dataset``, see :func:`dgmrec.models.build_model`) into a run directory.
 
-    def __init__(self, model_name: str, ds: RecDataset, config: dict[str, Any], out_dir: str | Path,
-                 device: str | None = "cpu", run_info: dict[str, Any] | None = None,
-                 progress: bool = True, stop_after_epochs: int | None = None) -> None:
-        self.model_name = model_name
-        self.ds = ds
-        self.config = config
+    The optimiser (Adam over ``model.optimizer_groups()``, fused), the learning-rate schedule, the negative
+    sampler (seeded by ``config["seed"]``), the early stopper and the evaluator are built here; nothing draws
+    from torch's global generator before the first epoch, so a model built right after
+    ``seed_everything(config["seed"])`` trains identically every time. ``spec`` describes the dataset for the
+    run record (default: :meth:`DatasetSpec.of_dataset`); ``run_info`` adds entries to that record.
+    """
+
+    def __init__(self, model: Recommender, dataset: RecDataset, config: Mapping[str, Any], out_dir: str | Path, *,
+                 spec: DatasetSpec | None = None, run_info: Mapping[str, Any] | None = None,
+                 progress: bool = True) -> None:
+        check_values(config, model.name)
+        self.model = model
+        self.ds = dataset
+        self.config = dict(config)
         self.out = Path(out_dir)
-        self.device = resolve_device(device)
-        self.run_info = run_info or {}
+        self.device = model.device
+        self.spec = spec if spec is not None else DatasetSpec.of_dataset(dataset)
+        self.run_info = {**(run_info or {}), "dataset_spec": self.spec.to_dict()}
         self.progress = progress
-        self.stop_after_epochs = stop_after_epochs  # for tests of resumption: stop as if killed
-        valid_metric = str(config["valid_metric"])
-        ks = [int(k) for k in config["topk"]]
-        if "@" not in valid_metric or int(valid_metric.split("@")[1]) not in ks:
-            raise ConfigError(f"valid_metric {valid_metric!r} must be a metric at one of topk {ks}",
-                              source="valid_metric")
-        self.valid_metric = valid_metric
+        cfg = self.config
+        self.valid_metric = str(cfg["valid_metric"])
+        self.epochs = int(cfg["epochs"])
+        self.eval_step = int(cfg["eval_step"])
+        self.batch_size = int(cfg["train_batch_size"])
+        self.with_negatives = bool(cfg.get("use_neg_sampling", True))
+        self.bpr_below = float(cfg["stopping_bpr_below"])
+        groups = model.optimizer_groups()
+        # the fused kernel updates all parameters in one pass (same maths as the per-parameter loop)
+        self.optimizer = torch.optim.Adam(groups, lr=float(cfg["learning_rate"]),
+                                          weight_decay=float(cfg["weight_decay"]),
+                                          fused=all(p.is_floating_point() for g in groups for p in g["params"]))
+        a, b = (float(v) for v in cfg["learning_rate_scheduler"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: a ** (e / b))
+        self.sampler = NegativeSampler(dataset.train, dataset.n_items, dataset.new_items, seed=int(cfg["seed"]),
+                                       device=self.device)
+        self.stopper = EarlyStopper(int(cfg["stopping_step"]))
+        self.evaluator = self._evaluator()
+        self.fingerprint = dataset_fingerprint(dataset)
+        # the run's progress: everything a checkpoint holds besides the model, optimiser, schedule and sampler
+        self.epoch = 0  # epochs completed
+        self.history: list[dict[str, Any]] = []
+        self.best_eval: dict[str, Any] = {}
+        self.train_seconds: list[float] = []
+        self.eval_seconds: list[float] = []
+        # patience counts once the BPR loss has fallen below the threshold (entries without BPR: from the start)
+        self.fitting = self.bpr_below <= 0
+        self._opened = False
 
-    # ------------------------------------------------------------------ setup
     def _evaluator(self) -> Evaluator:
         pairs = {"valid": self.ds.valid, "test": self.ds.test}
         if self.ds.test_new_only is not None:
@@ -129,176 +161,198 @@ class Trainer:
                                     metrics=list(self.config["metrics"]),
                                     batch_size=int(self.config["eval_batch_size"]))
 
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    @property
+    def finished(self) -> bool:
+        """All epochs are done or early stopping ended the run."""
+        return self.epoch >= self.epochs or self.stopper.should_stop
+
+    # ------------------------------------------------------------- the steps
     def fit(self, resume: bool = False) -> TrainResult:
-        cfg = self.config
-        seed = int(cfg["seed"])
-        ckpt_path = self.out / "checkpoint.pt"
-        fingerprint = dataset_fingerprint(self.ds)
-        seed_everything(seed)
-        model = build_model(self.model_name, self.ds, cfg, self.device)
-        groups = model.optimizer_groups()
-        # the fused kernel updates all parameters in one pass (same maths as the per-parameter loop)
-        optimizer = torch.optim.Adam(groups, lr=float(cfg["learning_rate"]), weight_decay=float(cfg["weight_decay"]),
-                                     fused=all(p.is_floating_point() for g in groups for p in g["params"]))
-        a, b = (float(v) for v in cfg["learning_rate_scheduler"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: a ** (e / b))
-        sampler = NegativeSampler(self.ds.train, self.ds.n_items, self.ds.new_items, seed=seed, device=self.device)
-        stopper = EarlyStopper(int(cfg["stopping_step"]))
-        bpr_below = float(cfg["stopping_bpr_below"])
-        evaluator = self._evaluator()
-        history: list[dict[str, Any]] = []
-        start_epoch = 0
-        best_eval: dict[str, Any] = {}
-        train_seconds: list[float] = []
-        eval_seconds: list[float] = []
-
-        if resume and ckpt_path.is_file():
-            state = load_checkpoint(ckpt_path, self.device)
-            check_fingerprint(state["dataset"], self.ds, str(ckpt_path))
-            if state["config"] != _plain(cfg) or state["model_name"] != model.name:
-                raise ConfigError("--resume with a different model or configuration than the interrupted run",
-                                  source=str(ckpt_path))
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            sampler.set_state(state["rng_sampler"])
-            torch.set_rng_state(state["rng_torch"])
-            stopper.load(state["stopper"])
-            history = list(state["history"])
-            best_eval = dict(state["best_eval"])
-            train_seconds = list(state["train_seconds"])
-            eval_seconds = list(state["eval_seconds"])
-            start_epoch = int(state["epoch"])
-        # patience counts once the BPR loss has fallen below the threshold (entries without BPR: from the start)
-        fitting = bpr_below <= 0 or any(e.get("bpr", 0.0) < bpr_below for e in history)
-        # everything is validated and built: only now touch the run directory
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg), sort_keys=True))
-        self._rewrite_log(history)
-
-        epochs = int(cfg["epochs"])
-        eval_step = int(cfg["eval_step"])
-        batch_size = int(cfg["train_batch_size"])
-        with_neg = bool(cfg.get("use_neg_sampling", True))
-        bar = _progress(self.progress, total=epochs, initial=start_epoch, desc=f"{model.name} on {self.ds.name}")
-        stopped = stopper.should_stop
-        epoch = start_epoch
-        epochs_done_here = 0
-        while epoch < epochs and not stopped:
-            model.train()
-            t0 = time.perf_counter()
-            entry: dict[str, Any] = {"epoch": epoch}
-            pre = model.before_epoch(epoch)
-            if pre:
-                entry.update(_round(pre))
-            totals: dict[str, float] = {}
-            n_batches = 0
-            for batch in sampler.epoch(batch_size, with_neg):
-                optimizer.zero_grad(set_to_none=True)
-                out = model.loss(batch)
-                if not torch.isfinite(out.total):
-                    raise FloatingPointError(f"loss became {out.total.item()} at epoch {epoch}")
-                out.total.backward()
-                optimizer.step()
-                totals["loss"] = totals.get("loss", 0.0) + float(out.total.detach())
-                for k, v in out.parts.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-                n_batches += 1
-            post = model.after_epoch(epoch)
-            if post:
-                entry.update(_round(post))
-            scheduler.step()
-            train_seconds.append(time.perf_counter() - t0)
-            entry.update({k: round(v / max(1, n_batches), 6) for k, v in totals.items()})
-            entry["train_seconds"] = round(train_seconds[-1], 4)
-            entry["lr"] = optimizer.param_groups[0]["lr"]
-            fitting = fitting or entry.get("bpr", 0.0) < bpr_below
-            evaluated = (epoch + 1) % eval_step == 0 or epoch + 1 == epochs
-            if evaluated:
-                t1 = time.perf_counter()
-                model.eval()
-                model.before_evaluation(epoch)
-                with torch.no_grad():
-                    model.prepare_eval()
-                    valid, valid_users = evaluator.evaluate(model.score_users, "valid", self.device)
-                eval_seconds.append(time.perf_counter() - t1)
-                entry["valid"] = _round(valid)
-                entry["eval_seconds"] = round(eval_seconds[-1], 4)
-                if stopper.update(valid[self.valid_metric], epoch, fitting):
-                    with torch.no_grad():
-                        tests = {s: evaluator.evaluate(model.score_users, s, self.device)
-                                 for s in evaluator.splits if s != "valid"}
-                    entry.update({s: _round(v[0]) for s, v in tests.items()})
-                    best_eval = {"epoch": epoch, "valid": _round(valid),
-                                 **{s: _round(v[0]) for s, v in tests.items()}}
-                    self._save_per_user(evaluator, {"valid": valid_users, **{s: v[1] for s, v in tests.items()}})
-                    save_atomic({"model": model.state_dict(), "model_name": model.name, "config": _plain(cfg),
-                                 "dataset": fingerprint, "epoch": epoch, "run": self.run_info},
-                                self.out / "best.pt")
-                stopped = stopper.should_stop
-            history.append(entry)
-            self._append_log(entry)
-            epoch += 1
-            epochs_done_here += 1
+        """Train until finished (continuing ``checkpoint.pt`` when ``resume``) and write ``results.json``."""
+        if resume:
+            self.restore()
+        self.open_run()
+        bar = _progress(self.progress, total=self.epochs, initial=self.epoch,
+                        desc=f"{self.model.name} on {self.ds.name}")
+        while not self.finished:
+            entry = self.run_epoch()
             if bar is not None:
                 bar.update(1)
                 post_fix = {"loss": entry.get("loss", 0.0)}
                 if "valid" in entry:
                     post_fix[self.valid_metric] = entry["valid"][self.valid_metric]
                 bar.set_postfix(post_fix)
-            if evaluated or stopped or epoch == epochs:
-                save_atomic({
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng_sampler": sampler.state(),
-                    "rng_torch": torch.get_rng_state(), "stopper": stopper.state(), "history": history,
-                    "best_eval": best_eval, "epoch": epoch, "config": _plain(cfg), "model_name": model.name,
-                    "dataset": fingerprint, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-                }, ckpt_path)
-            if self.stop_after_epochs is not None and epochs_done_here >= self.stop_after_epochs and evaluated:
-                if bar is not None:
-                    bar.close()
-                return TrainResult(results={"interrupted": True, "epoch": epoch}, model=model, history=history)
         if bar is not None:
             bar.close()
+        return TrainResult(results=self.write_results(), model=self.model, history=self.history)
+
+    def restore(self, path: str | Path | None = None) -> None:
+        """Continue the run saved in ``path`` (default ``checkpoint.pt`` of the run directory).
+
+        The checkpoint must come from the same dataset, model and configuration; a missing one is an error.
+        """
+        ckpt = Path(path) if path is not None else self.checkpoint_path
+        if not ckpt.is_file():
+            raise ConfigError(f"nothing to resume: no checkpoint.pt in {ckpt.parent}", source="--resume")
+        state = load_checkpoint(ckpt, self.device)
+        check_fingerprint(state["dataset"], self.ds, str(ckpt))
+        if state["config"] != _plain(self.config) or state["model_name"] != self.model.name:
+            raise ConfigError("--resume with a different model or configuration than the interrupted run",
+                              source=str(ckpt))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.set_state(state["rng_sampler"])
+        torch.set_rng_state(state["rng_torch"])
+        self.stopper.load(state["stopper"])
+        self.history = list(state["history"])
+        self.best_eval = dict(state["best_eval"])
+        self.train_seconds = list(state["train_seconds"])
+        self.eval_seconds = list(state["eval_seconds"])
+        self.epoch = int(state["epoch"])
+        self.fitting = self.bpr_below <= 0 or any(e.get("bpr", 0.0) < self.bpr_below for e in self.history)
+
+    def open_run(self) -> None:
+        """Create the run directory, write ``config.yaml`` and rewrite ``log.jsonl`` from the history."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(_plain(self.config), sort_keys=True))
+        with (self.out / "log.jsonl").open("w") as f:
+            for e in self.history:
+                f.write(json.dumps(e) + "\n")
+        self._opened = True
+
+    def run_epoch(self) -> dict[str, Any]:
+        """One epoch: train, evaluate when due, log, and checkpoint after an evaluation or the last epoch."""
+        if not self._opened:
+            self.open_run()
+        epoch = self.epoch
+        entry = self.train_epoch(epoch)
+        evaluated = (epoch + 1) % self.eval_step == 0 or epoch + 1 == self.epochs
+        if evaluated:
+            entry.update(self.evaluate(epoch))
+        self.history.append(entry)
+        with (self.out / "log.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.epoch += 1
+        if evaluated or self.finished:
+            self.save_checkpoint()
+        return entry
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """The model's epoch hooks around one pass over the training batches, then one scheduler step.
+
+        Returns the log entry: hook outputs, mean loss parts, ``train_seconds`` and the new ``lr``.
+        """
+        model = self.model
+        model.train()
+        t0 = time.perf_counter()
+        entry: dict[str, Any] = {"epoch": epoch}
+        pre = model.before_epoch(epoch)
+        if pre:
+            entry.update(_round(pre))
+        totals: dict[str, float] = {}
+        n_batches = 0
+        for batch in self.sampler.epoch(self.batch_size, self.with_negatives):
+            self.optimizer.zero_grad(set_to_none=True)
+            out = model.loss(batch)
+            if not torch.isfinite(out.total):
+                raise FloatingPointError(f"loss became {out.total.item()} at epoch {epoch}")
+            out.total.backward()
+            self.optimizer.step()
+            totals["loss"] = totals.get("loss", 0.0) + float(out.total.detach())
+            for k, v in out.parts.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            n_batches += 1
+        post = model.after_epoch(epoch)
+        if post:
+            entry.update(_round(post))
+        self.scheduler.step()
+        self.train_seconds.append(time.perf_counter() - t0)
+        entry.update({k: round(v / max(1, n_batches), 6) for k, v in totals.items()})
+        entry["train_seconds"] = round(self.train_seconds[-1], 4)
+        entry["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.fitting = self.fitting or entry.get("bpr", 0.0) < self.bpr_below
+        return entry
+
+    def evaluate(self, epoch: int) -> dict[str, Any]:
+        """Validation metrics; on a new best also the test splits, the per-user CSVs and ``best.pt``.
+
+        Updates the early stopper; returns the entries for the log (``valid``, ``eval_seconds``, test splits).
+        """
+        if not self._opened:
+            self.open_run()
+        model, evaluator = self.model, self.evaluator
+        t1 = time.perf_counter()
+        model.eval()
+        model.before_evaluation(epoch)
+        with torch.no_grad():
+            model.prepare_eval()
+            valid, valid_users = evaluator.evaluate(model.score_users, "valid", self.device)
+        self.eval_seconds.append(time.perf_counter() - t1)
+        out: dict[str, Any] = {"valid": _round(valid), "eval_seconds": round(self.eval_seconds[-1], 4)}
+        if self.stopper.update(valid[self.valid_metric], epoch, self.fitting):
+            with torch.no_grad():
+                tests = {s: evaluator.evaluate(model.score_users, s, self.device)
+                         for s in evaluator.splits if s != "valid"}
+            out.update({s: _round(v[0]) for s, v in tests.items()})
+            self.best_eval = {"epoch": epoch, "valid": _round(valid), **{s: _round(v[0]) for s, v in tests.items()}}
+            self._save_per_user({"valid": valid_users, **{s: v[1] for s, v in tests.items()}})
+            save_atomic({"model": model.state_dict(), "model_name": model.name, "config": _plain(self.config),
+                         "dataset": self.fingerprint, "epoch": epoch, "run": self.run_info}, self.out / "best.pt")
+        return out
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint.pt``: everything :meth:`restore` needs to continue exactly."""
+        save_atomic({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng_sampler": self.sampler.state(),
+            "rng_torch": torch.get_rng_state(), "stopper": self.stopper.state(), "history": self.history,
+            "best_eval": self.best_eval, "epoch": self.epoch, "config": _plain(self.config),
+            "model_name": self.model.name, "dataset": self.fingerprint, "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+        }, self.checkpoint_path)
+
+    def results(self) -> dict[str, Any]:
+        """The run's summary (the content of ``results.json``)."""
+        best = self.best_eval
         results = {
-            "model": model.name,
+            "model": self.model.name,
             "dataset": self.ds.name,
             "setting": self.ds.setting,
             "modalities": self.ds.modalities,
-            "seed": seed,
-            "best_epoch": best_eval.get("epoch", -1),
-            "epochs_run": epoch,
-            "early_stopped": bool(stopped and epoch < epochs),
-            "seconds_per_epoch": round(float(np.mean(train_seconds)) if train_seconds else 0.0, 4),
-            "seconds_per_evaluation": round(float(np.mean(eval_seconds)) if eval_seconds else 0.0, 4),
+            "seed": int(self.config["seed"]),
+            "best_epoch": best.get("epoch", -1),
+            "epochs_run": self.epoch,
+            "early_stopped": bool(self.stopper.should_stop and self.epoch < self.epochs),
+            "seconds_per_epoch": round(float(np.mean(self.train_seconds)) if self.train_seconds else 0.0, 4),
+            "seconds_per_evaluation": round(float(np.mean(self.eval_seconds)) if self.eval_seconds else 0.0, 4),
             "valid_metric": self.valid_metric,
-            "valid": best_eval.get("valid", {}),
-            "test": best_eval.get("test", {}),
+            "valid": best.get("valid", {}),
+            "test": best.get("test", {}),
             "device": str(self.device),
-            "config": _plain(cfg),
+            "config": _plain(self.config),
             "run": self.run_info,
-            "dataset_fingerprint": fingerprint,
+            "dataset_fingerprint": self.fingerprint,
         }
-        if "test_new_items" in best_eval:
-            results["test_new_items"] = best_eval["test_new_items"]
+        if "test_new_items" in best:
+            results["test_new_items"] = best["test_new_items"]
+        return results
+
+    def write_results(self) -> dict[str, Any]:
+        """Write ``results.json`` (atomically) and return its content."""
+        results = self.results()
         tmp = self.out / ".results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))
         tmp.replace(self.out / "results.json")
-        return TrainResult(results=results, model=model, history=history)
+        return results
 
-    # ------------------------------------------------------------------- logs
-    def _append_log(self, entry: dict[str, Any]) -> None:
-        with (self.out / "log.jsonl").open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-
-    def _rewrite_log(self, history: list[dict[str, Any]]) -> None:
-        with (self.out / "log.jsonl").open("w") as f:
-            for e in history:
-                f.write(json.dumps(e) + "\n")
-
-    def _save_per_user(self, evaluator: Evaluator, per_split: dict[str, dict[str, np.ndarray]]) -> None:
+    def _save_per_user(self, per_split: dict[str, dict[str, np.ndarray]]) -> None:
         for split, vectors in per_split.items():
-            users = evaluator.splits[split].users
+            users = self.evaluator.splits[split].users
             cols = ["user", *vectors]
             rows = np.column_stack([users, *[vectors[c] for c in vectors]])
             tmp = self.out / f".per_user_{split}.csv.tmp"
@@ -317,6 +371,3 @@ def _progress(enabled: bool, total: int, initial: int, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="epoch", dynamic_ncols=True, leave=True)
-
-
-ProgressFactory = Callable[..., Any]
