@@ -4,17 +4,21 @@ its named steps, the model hook order, and exact resumption from a checkpoint.""
 from __future__ import annotations
 
 import json
+import re
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from dgmrec.config import resolve_config
+from dgmrec import models
+from dgmrec.config import check_values, resolve_config, shipped
 from dgmrec.errors import ConfigError
 from dgmrec.models import build_model
 from dgmrec.models.mfbpr import MFBPR
 from dgmrec.training.trainer import EarlyStopper, Trainer, seed_everything
-from model_checks import make_trainer
+from model_checks import check_gradients, check_loss_decreases, check_shapes, make_trainer, popularity_recall
 
 
 def test_early_stopper_by_hand():
@@ -183,3 +187,29 @@ def test_hook_order(small2, tmp_path):
     evaluation = ["before_evaluation {e}", "prepare_eval"]
     expected = [c.format(e=e) for e, ev in ((0, False), (1, True), (2, True)) for c in epoch + evaluation * ev]
     assert model.calls[1:] == expected
+
+
+# ------------------------------------------------------------------------ the architecture guide's model
+def _guide_block(marker: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    found = re.search(rf"<!-- {marker} -->\n```\w+\n(.*?)```", text, re.S)
+    assert found, f"docs/architecture.md has no {marker} block"
+    return found.group(1)
+
+
+def test_the_architecture_guide_example_model_works(small3, tmp_path, monkeypatch):
+    """The walk-through's model file, YAML and registry line, as printed, give a model that trains."""
+    (tmp_path / "contentmf.py").write_text(_guide_block("example-model"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(models._REGISTRY, "ContentMF", "contentmf")
+    cfg = {**shipped("overall", ""), **yaml.safe_load(_guide_block("example-yaml")), "epochs": 20, "eval_step": 20,
+           "train_batch_size": 256}
+    check_values(cfg, "ContentMF")
+    assert "ContentMF" in models.available_models()
+    seed_everything(0)
+    check_shapes(build_model("ContentMF", small3, cfg), small3)
+    check_gradients(build_model("ContentMF", small3, cfg), small3)
+    check_loss_decreases(build_model("ContentMF", small3, cfg), small3)
+    seed_everything(0)
+    res = Trainer(build_model("ContentMF", small3, cfg), small3, cfg, tmp_path / "run", progress=False).fit().results
+    assert res["model"] == "ContentMF" and res["test"]["recall@20"] > popularity_recall(small3, "test")

@@ -116,10 +116,6 @@ class DatasetSpec:
     def synthetic(self) -> bool:
         return self.data == SYNTHETIC
 
-    def describe(self) -> str:
-        """``synthetic(seed=N)`` or the folder."""
-        return f"{SYNTHETIC}(seed={self.seed})" if self.synthetic else self.data
-
     def resolved(self) -> DatasetSpec:
         """The same spec with absolute folder and mask paths (what a run records)."""
         if self.synthetic:
