@@ -54,7 +54,7 @@ BEST = sorted(p.stem.split("_", 1) for p in (Path(__file__).parents[1] / "src/dg
 def test_out_of_range_value_is_an_error_naming_the_key(model, key, value, needle):
     with pytest.raises(ConfigError) as exc:
         resolve_config(model, "synthetic", overrides={key: value})
-    assert str(exc.value) == f"--set: {needle}" or str(exc.value).startswith(f"--set: {needle}")
+    assert str(exc.value).startswith(f"--set: {needle}")
     assert "\n" not in str(exc.value)
 
 
