@@ -59,6 +59,9 @@ class NegativeSampler:
             neg = self.sample_negatives(users) if with_negatives else pos
             yield Batch(users.to(self.device), pos.to(self.device), neg.to(self.device))
 
+    def n_batches(self, batch_size: int) -> int:
+        return (len(self.train_pairs) + batch_size - 1) // batch_size
+
     def state(self) -> torch.Tensor:
         return self.generator.get_state()
 
