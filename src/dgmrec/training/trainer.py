@@ -50,7 +50,7 @@ def resolve_device(device: str | None) -> torch.device:
 def build_model(name: str, ds: RecDataset, config: dict[str, Any],
                 device: torch.device | str = "cpu") -> Recommender:
     cls = get_model_class(name)
-    data = ModelInput.from_dataset(ds, imputation=str(config.get("missing_imputation", "mean")), device=device)
+    data = ModelInput.from_dataset(ds, device=device, config=config)
     model = cls(data, config)
     return model.to(device)
 
@@ -198,8 +198,9 @@ class Trainer:
                 out = model.loss(batch)
                 if not torch.isfinite(out.total):
                     raise FloatingPointError(f"loss became {out.total.item()} at epoch {epoch}")
-                out.total.backward()
-                optimizer.step()
+                if out.total.requires_grad:  # a model without trainable parameters (Content) has no step
+                    out.total.backward()
+                    optimizer.step()
                 totals["loss"] = totals.get("loss", 0.0) + float(out.total.detach())
                 for k, v in out.parts.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
