@@ -29,6 +29,7 @@ _REGISTRY: dict[str, str] = {
     "MILK": "dgmrec.models.milk",
     "SIBRAR": "dgmrec.models.sibrar",
     "CI2MG": "dgmrec.models.ci2mg",
+    "Content": "dgmrec.models.content",
 }
 
 

@@ -198,9 +198,9 @@ class Trainer:
                 out = model.loss(batch)
                 if not torch.isfinite(out.total):
                     raise FloatingPointError(f"loss became {out.total.item()} at epoch {epoch}")
-                if out.total.requires_grad:  # a model without trainable parameters (Content) has no step
+                if out.total.requires_grad:  # a model without trainable parameters (Content) has no gradient
                     out.total.backward()
-                    optimizer.step()
+                optimizer.step()
                 totals["loss"] = totals.get("loss", 0.0) + float(out.total.detach())
                 for k, v in out.parts.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
