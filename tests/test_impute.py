@@ -12,6 +12,7 @@ from dgmrec.data.dataset import RecDataset
 from dgmrec.data.impute import IMPUTATIONS, FeatureOptions, cooccurrence_neighbours, impute_features, prepare_features
 from dgmrec.data.synthetic import make_synthetic
 from dgmrec.errors import ConfigError
+from dgmrec.experiments.retrieval import cross_modal_retrieval
 from dgmrec.models import available_models
 from dgmrec.training.sampler import NegativeSampler
 from model_checks import make_model
@@ -203,3 +204,27 @@ def one_step(model_name: str, ds: RecDataset, strategy: str) -> float:
 @pytest.mark.parametrize("model_name", available_models())
 def test_every_model_trains_with_every_strategy(model_name, strategy, tiny):
     assert np.isfinite(one_step(model_name, tiny, strategy))
+
+
+# ------------------------------------------------------------------ retrieval next to every strategy
+def test_retrieval_reports_every_strategy(small3):
+    ds = small3
+    truth = {m: np.asarray(ds.features[m]) for m in ds.modalities}
+    train = ds.train_matrix()
+    nn = impute_features(truth, ds.observed, "nn", train=train, k=10)
+    res = cross_modal_retrieval(nn, ds.observed, ds.modalities, truth, strategies=IMPUTATIONS, train=train)
+    assert res["methods"] == ["generated", *IMPUTATIONS]
+    for level in ("1", "2", "3"):
+        summary = res["by_missing_level"][level]
+        for method in res["methods"]:
+            assert {f"{method}_hit@10", f"{method}_hit@20", f"{method}_rank"} <= set(summary)
+        # the nn column is data/impute's nn: the same queries score the same
+        assert summary["nn_rank"] == summary["generated_rank"]
+        # a zero query ties with every candidate, and ties count against it
+        assert summary["zero_hit@20"] == 0.0 and summary["zero_rank"] == 1.0
+    one = res["by_missing_level"]["1"]
+    # planted signal: neighbours in the observed modalities retrieve better than one shared mean query
+    assert one["nn_rank"] < one["mean_rank"] - 0.1
+    # items missing every modality: nn falls back to the mean, graph reaches them through co-interactions
+    every = res["by_missing_level"]["3"]
+    assert every["nn_rank"] == every["mean_rank"] and every["graph_rank"] < every["mean_rank"]

@@ -218,6 +218,7 @@ def retrieval(run: str | Path | LoadedRun, truth: str | Path | None = None, *, n
     ``truth`` is a folder of true ``<modality>_feat.npy`` files; by default the run's own dataset, whose masked
     rows still hold their features.
     """
+    from dgmrec.data.impute import IMPUTATIONS, reference_items
     from dgmrec.experiments.retrieval import SIMILARITIES, cross_modal_retrieval, load_truth
 
     if similarity not in SIMILARITIES:
@@ -230,4 +231,7 @@ def retrieval(run: str | Path | LoadedRun, truth: str | Path | None = None, *, n
     true_features = (load_truth(truth, ds.modalities, ds.n_items) if truth is not None
                      else {m: np.asarray(ds.features[m]) for m in ds.modalities})
     return cross_modal_retrieval({m: v.detach().cpu().numpy() for m, v in gen.items()}, ds.observed,
-                                 ds.modalities, true_features, nn_k=nn_k, similarity=similarity)
+                                 ds.modalities, true_features, nn_k=nn_k, similarity=similarity,
+                                 strategies=IMPUTATIONS, train=ds.train_matrix(), reference_items=reference_items(ds),
+                                 imputation_steps=int(lr.config.get("imputation_steps", 5)),
+                                 scaling=str(lr.config.get("feature_scaling", "none")))
