@@ -356,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         print(_usage_line(exc), file=sys.stderr)
         sys.exit(int(getattr(exc, "exit_code", 2)) or 2)
-    sys.exit(code if isinstance(code, int) else 0)
+    if isinstance(code, int) and code:  # a command that asked to exit with a status (typer.Exit)
+        sys.exit(code)
 
 if __name__ == "__main__":
     main()
