@@ -8,8 +8,11 @@ import dataclasses
 import numpy as np
 import pytest
 
+from dgmrec import api
+from dgmrec.cli import main
 from dgmrec.data.dataset import RecDataset
 from dgmrec.data.impute import FeatureOptions, impute_features, prepare_features
+from dgmrec.data.mmrec import write_mmrec
 from dgmrec.data.scaling import FeatureScaler, feature_scales
 from dgmrec.data.synthetic import make_synthetic
 from dgmrec.models.base import ModelInput
@@ -93,3 +96,32 @@ def test_unscaled_reconstruction_follows_the_feature_scale():
     """What the scaling prevents: without it the reconstruction term grows with the raw scale."""
     unit, big = dgmrec_parts(two_scales(1.0), "none"), dgmrec_parts(two_scales(1e4), "none")
     assert big["recon"] > 1e4 * unit["recon"]
+
+
+@pytest.fixture(scope="module")
+def scaled_run(tmp_path_factory):
+    """A DGMRec run with feature_scaling=standardize on a folder whose audio is 1e4 times larger."""
+    folder = tmp_path_factory.mktemp("data") / "two"
+    write_mmrec(two_scales(1e4), folder)
+    out = tmp_path_factory.mktemp("runs") / "std"
+    api.train("DGMRec", folder, out=out, overrides={"epochs": 2, "topk": [10, 20], "feature_scaling": "standardize"},
+              progress=False)
+    return folder, out
+
+
+def test_data_check_prints_each_modality_scale(scaled_run, capsys):
+    folder, _ = scaled_run
+    main(["data", "check", str(folder)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "scale of" in line]
+    assert len(lines) == 2 and all("row L2 norm" in line and "per-dimension std" in line for line in lines)
+    audio = feature_scales(two_scales(1e4).features, two_scales(1e4).observed)["audio"]["mean_row_norm"]
+    assert f"{audio:.4g}" in next(line for line in lines if "scale of audio" in line)
+
+
+def test_generated_rows_return_to_the_stored_scale(scaled_run, tmp_path):
+    _, run = scaled_run
+    out = api.generate(run, tmp_path / "gen")
+    ds = two_scales(1e4)
+    generated = np.load(out / "audio_feat.npy")[~ds.observed[:, 1]]
+    stored = feature_scales(ds.features, ds.observed)["audio"]["mean_row_norm"]
+    assert 0.1 * stored < np.linalg.norm(generated, axis=1).mean() < 10 * stored

@@ -202,11 +202,14 @@ def generate(run: str | Path | LoadedRun, out: str | Path, device: str | None = 
     if completed is None:
         raise InputError(f"model {lr.model.name} does not generate features; train DGMRec", source="--run")
     ds = lr.dataset
+    from dgmrec.data.impute import fit_scaler
+
+    scaler = fit_scaler(ds, str(lr.config.get("feature_scaling", "none")))  # generated rows: the model's space
     feats: dict[str, np.ndarray] = {}
     for j, m in enumerate(ds.modalities):
         x = np.array(ds.features[m], dtype=np.float32, copy=True)
         miss = ~ds.observed[:, j]
-        x[miss] = completed[m].detach().cpu().numpy()[miss]
+        x[miss] = scaler.inverse(m, completed[m].detach().cpu().numpy()[miss])
         feats[m] = x
     return write_mmrec(ds, out, features=feats)
 

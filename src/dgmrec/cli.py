@@ -221,7 +221,12 @@ def data_check(
     table.add_column("statistic")
     table.add_column("value", justify="right")
     for k, v in st.items():
-        table.add_row(k, str(v))
+        if k == "feature_scale":  # one row per modality: mean row L2 norm, mean per-dimension std (observed rows)
+            for m, sc in v.items():
+                table.add_row(f"scale of {m}", f"row L2 norm {sc['mean_row_norm']:.4g}, "
+                                               f"per-dimension std {sc['mean_dim_std']:.4g}")
+        else:
+            table.add_row(k, str(v))
     console.print(table)
 
 
