@@ -50,7 +50,7 @@ from dgmrec.errors import ConfigError
 
 IMPUTATIONS = ("zero", "mean", "nn", "graph")
 _BLOCK_VALUES = 2**22  # similarity entries (nn) per block
-_BLOCK_PATHS = 2**24  # user paths (graph) per block of co-occurrence rows
+_BLOCK_PATHS = 2**22  # user paths (graph) per block of co-occurrence rows
 
 
 def _reference_rows(observed_j: np.ndarray, reference_items: np.ndarray | None) -> np.ndarray:
@@ -127,11 +127,16 @@ def cooccurrence_neighbours(train: sp.spmatrix, k: int) -> sp.csr_matrix:
         end = max(start + 1, int(np.searchsorted(paths, done + _BLOCK_PATHS, side="right")))
         block = (iu[start:end] @ ui).tocoo()
         keep = block.col != block.row + start
-        r, c, v = block.row[keep], block.col[keep], block.data[keep]
-        order = np.lexsort((c, -v, r))
+        r, c, v = block.row[keep].astype(np.int64), block.col[keep].astype(np.int64), block.data[keep]
+        # order by row, then count (descending), then column: one integer key (counts are whole numbers)
+        top = int(v.max()) if len(v) else 0
+        if (end - start) * (top + 1) * n < 2**62:
+            order = np.argsort((r * (top + 1) + (top - v.astype(np.int64))) * n + c)
+        else:
+            order = np.lexsort((c, -v, r))
         r, c, v = r[order], c[order], v[order]
-        rank = np.arange(len(r)) - np.searchsorted(r, r, side="left")
-        sel = rank < k
+        first = np.cumsum(np.bincount(r, minlength=end - start)) - np.bincount(r, minlength=end - start)
+        sel = np.arange(len(r)) - first[r] < k
         rows.append(r[sel] + start)
         cols.append(c[sel])
         vals.append(v[sel])
