@@ -9,8 +9,8 @@ with (protocol of ``dgmrec.experiments.retrieval``: candidates are the true ``m`
   modality: the best any linear decoder could do with what the generator produces;
 * ``ridge(other raw features)``: a ridge readout from the other modalities' raw true features, fitted on
   the same items: the best linear generation from the observed content;
-* ``NN imputation``: the baseline (mean true ``m`` features of the 10 nearest items in the observed
-  modalities).
+* ``NN imputation``: the baseline (``nn`` of :mod:`dgmrec.data.impute`: mean true ``m`` features of the 10
+  nearest items in each observed modality, averaged over those modalities).
 
 Usage::
 
@@ -32,7 +32,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dgmrec import api
-from dgmrec.experiments.retrieval import Candidates, load_truth, nn_imputation_queries
+from dgmrec.data.impute import impute_features
+from dgmrec.experiments.retrieval import Candidates, load_truth
 from dgmrec.losses import ridge_fit
 
 HERE = Path(__file__).resolve().parent
@@ -65,6 +66,7 @@ def main() -> None:
     generated = {m: v.numpy() for m, v in model.generate_for_retrieval().items()}
     complete = observed.all(axis=1)
     missing_count = (~observed).sum(axis=1)
+    nn = impute_features(dict(zip(ds.modalities, truth, strict=True)), observed, "nn", k=10)
     results = []
     for j, m in enumerate(ds.modalities):
         items = np.flatnonzero(~observed[:, j] & (missing_count == 1))
@@ -75,7 +77,7 @@ def main() -> None:
             "generated": generated[m][items],
             "ridge(generator input)": ridge_readout(inputs[m], truth[j], complete, args.ridge)[items],
             "ridge(other raw features)": ridge_readout(others, truth[j], complete, args.ridge)[items],
-            "NN imputation": nn_imputation_queries(items, j, observed, truth, 10),
+            "NN imputation": nn[m][items],
         }
         for similarity in ("cosine", "centered"):
             cand = Candidates(truth_map[m], observed[:, j], similarity)

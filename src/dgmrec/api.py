@@ -208,11 +208,14 @@ def generate(run: str | Path | LoadedRun, out: str | Path, device: str | None = 
     if completed is None:
         raise InputError(f"model {lr.model.name} does not generate features; train DGMRec", source="--run")
     ds = lr.dataset
+    from dgmrec.data.impute import fit_scaler
+
+    scaler = fit_scaler(ds, str(lr.config.get("feature_scaling", "none")))  # generated rows: the model's space
     feats: dict[str, np.ndarray] = {}
     for j, m in enumerate(ds.modalities):
         x = np.array(ds.features[m], dtype=np.float32, copy=True)
         miss = ~ds.observed[:, j]
-        x[miss] = completed[m].detach().cpu().numpy()[miss]
+        x[miss] = scaler.inverse(m, completed[m].detach().cpu().numpy()[miss])
         feats[m] = x
     return write_mmrec(ds, out, features=feats)
 
@@ -224,6 +227,7 @@ def retrieval(run: str | Path | LoadedRun, truth: str | Path | None = None, *, n
     ``truth`` is a folder of true ``<modality>_feat.npy`` files; by default the run's own dataset, whose masked
     rows still hold their features.
     """
+    from dgmrec.data.impute import IMPUTATIONS, reference_items
     from dgmrec.experiments.retrieval import SIMILARITIES, cross_modal_retrieval, load_truth
 
     if similarity not in SIMILARITIES:
@@ -236,4 +240,7 @@ def retrieval(run: str | Path | LoadedRun, truth: str | Path | None = None, *, n
     true_features = (load_truth(truth, ds.modalities, ds.n_items) if truth is not None
                      else {m: np.asarray(ds.features[m]) for m in ds.modalities})
     return cross_modal_retrieval({m: v.detach().cpu().numpy() for m, v in gen.items()}, ds.observed,
-                                 ds.modalities, true_features, nn_k=nn_k, similarity=similarity)
+                                 ds.modalities, true_features, nn_k=nn_k, similarity=similarity,
+                                 strategies=IMPUTATIONS, train=ds.train_matrix(), reference_items=reference_items(ds),
+                                 imputation_steps=int(lr.config.get("imputation_steps", 5)),
+                                 scaling=str(lr.config.get("feature_scaling", "none")))

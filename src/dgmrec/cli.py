@@ -137,22 +137,25 @@ def retrieval(
     out: Annotated[Path | None, typer.Option("--out", help="JSON file for the results.")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Cross-modal retrieval (Hit@10/@20, mean rank) of generated features vs the nearest-neighbour baseline."""
+    """Cross-modal retrieval (Hit@10/@20, mean rank) of generated features vs every imputation strategy."""
     lr = api.load_run(run, device)
     res = api.retrieval(lr, truth, nn_k=nn_k, similarity=similarity)
     ds = lr.dataset
     chance = res["chance"]
     table = Table(title=f"Cross-modal retrieval ({lr.model.name}, {ds.name}, {similarity} similarity; "
                         f"chance: Hit@10 {chance['hit@10']:.4f}, rank 0.5)")
-    keys = ("generated_hit@10", "nn_hit@10", "generated_hit@20", "nn_hit@20", "generated_rank", "nn_rank")
-    for col in ("modality", "missing", "items", "DGMRec Hit@10", "NN Hit@10", "DGMRec Hit@20", "NN Hit@20",
-                "DGMRec rank", "NN rank"):
-        table.add_column(col.replace("DGMRec", lr.model.name), justify="right")
-    for r in res["rows"]:
-        table.add_row(str(r["modality"]), str(r["missing"]), str(r["items"]),
-                      *[(f"{r[c]:.4f}" if c in r else "–") for c in keys])
-    for level, summary in sorted(res["by_missing_level"].items()):
-        table.add_row("all", level, "", *[(f"{summary[c]:.4f}" if c in summary else "–") for c in keys])
+    for col in ("modality", "missing", "items", "query", "Hit@10", "Hit@20", "rank"):
+        table.add_column(col, justify="left" if col in ("modality", "query") else "right")
+    names = {"generated": f"{lr.model.name} generated", **{s: f"{s} imputation" for s in res["methods"][1:]}}
+    groups = [(str(r["modality"]), str(r["missing"]), str(r["items"]), r) for r in res["rows"]]
+    groups += [("all", level, "", summary) for level, summary in sorted(res["by_missing_level"].items())]
+    for modality, level, items, values in groups:
+        for i, method in enumerate(res["methods"]):
+            cells = [f"{values[f'{method}_{key}']:.4f}" if f"{method}_{key}" in values else "–"
+                     for key in ("hit@10", "hit@20", "rank")]
+            last = i == len(res["methods"]) - 1
+            table.add_row(*((modality, level, items) if i == 0 else ("", "", "")), names[method], *cells,
+                          end_section=last)
     console.print(table)
     target = out or Path(run) / "retrieval.json"
     target.write_text(json.dumps(res, indent=2))
@@ -219,7 +222,12 @@ def data_check(
     table.add_column("statistic")
     table.add_column("value", justify="right")
     for k, v in st.items():
-        table.add_row(k, str(v))
+        if k == "feature_scale":  # one row per modality: mean row L2 norm, mean per-dimension std (observed rows)
+            for m, sc in v.items():
+                table.add_row(f"scale of {m}", f"row L2 norm {sc['mean_row_norm']:.4g}, "
+                                               f"per-dimension std {sc['mean_dim_std']:.4g}")
+        else:
+            table.add_row(k, str(v))
     console.print(table)
 
 

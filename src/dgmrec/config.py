@@ -41,6 +41,8 @@ RANGES: dict[str, str] = {
     "stopping_bpr_below": "[0, inf)",
     "topk": "[1, inf)",
     "embedding_size": "[1, inf)",
+    "imputation_k": "[1, inf)",
+    "imputation_steps": "[1, inf)",
     # sizes and counts of the models
     **dict.fromkeys(("n_ui_layers", "n_layers", "n_mm_layers", "n_hyper_layers", "n_hyper_layer",
                      "sinkhorn_iterations", "club_steps", "generation_warmup", "damrs_pseudo_k"), "[0, inf)"),
@@ -68,7 +70,8 @@ RANGES: dict[str, str] = {
 LENGTHS: dict[str, tuple[int, int | None]] = {"learning_rate_scheduler": (2, 2), "topk": (1, None),
                                                "metrics": (1, None)}
 # string (or list-of-string) keys with a fixed set of values; models declare their own in ``Recommender.choices``
-CHOICES: dict[str, tuple[str, ...]] = {"metrics": METRICS}
+CHOICES: dict[str, tuple[str, ...]] = {"metrics": METRICS, "missing_imputation": ("zero", "mean", "nn", "graph"),
+                                       "feature_scaling": ("none", "standardize", "l2")}
 
 
 _INTERVAL_FORM = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])")

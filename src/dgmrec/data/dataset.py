@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import scipy.sparse as sp
 
+from dgmrec.data.scaling import feature_scales
 from dgmrec.errors import DataError
 
 SETTINGS = ("missing", "new-items")
@@ -155,6 +156,9 @@ class RecDataset:
                 n: int((~self.observed[:, j]).sum()) for j, n in enumerate(self.modalities)
             },
             "items_by_missing_count": {int(k): int((miss == k).sum()) for k in range(self.n_modalities + 1)},
+            # per modality over observed rows: mean row L2 norm and mean per-dimension std
+            "feature_scale": {n: {k: float(f"{v:.6g}") for k, v in sc.items()}
+                              for n, sc in feature_scales(self.features, self.observed).items()},
             "setting": self.setting,
         }
         if self.new_items is not None:

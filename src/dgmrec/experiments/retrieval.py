@@ -5,10 +5,15 @@ true feature is known, the query is the feature the model generates for ``(i, m)
 true features of modality ``m`` of *all* items; cosine similarity ranks them and Hit@K = 1 when ``i`` itself
 is among the top K (ties count against the query). ``rank`` is the share of the other items ranked at least as
 high as ``i`` (0 = first, 0.5 = chance): it uses the whole ranking, so it separates methods long before Hit@10
-does when few queries hit at all. Results are grouped by how many modalities the item misses. The nearest-neighbour
-baseline (items missing exactly one modality) finds the ``nn_k`` items most similar to ``i`` in its observed
-modalities (mean cosine over them, among items that observe ``m`` and those modalities) and averages their
-true ``m`` features as the query.
+does when few queries hit at all. Results are grouped by how many modalities the item misses.
+
+Baselines. Next to the generated features, each imputation strategy of :mod:`dgmrec.data.impute` (``zero``,
+``mean``, ``nn``, ``graph``; ``strategies``) supplies a query for every masked row, computed from the observed
+rows only (``k = nn_k`` neighbours): ``nn`` finds the ``nn_k`` items most similar to ``i`` in each modality it
+observes and averages their true ``m`` features (items missing every modality get the mean); ``graph``
+propagates the observed features over the training co-interactions, so it also reaches items missing every
+modality. A run trained with ``feature_scaling`` generates in the scaled space; the true features are scaled
+the same way (``scaling``, statistics from the observed reference rows) before anything is compared.
 
 Similarity. ``"cosine"`` (the default, as the specification recommends) compares the raw vectors;
 ``"centered"`` first subtracts the mean true feature of the modality's observed items from queries and
@@ -24,10 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from dgmrec.data.impute import impute_features
 from dgmrec.data.mmrec import load_features
+from dgmrec.data.scaling import FeatureScaler
 from dgmrec.errors import DataError
 
 
@@ -49,24 +57,6 @@ def target_ranks(queries: torch.Tensor, targets: np.ndarray, candidates: torch.T
         t = torch.as_tensor(targets[s:s + chunk])
         own = sim.gather(1, t[:, None])
         out[s:s + chunk] = ((sim >= own).sum(dim=1) - 1).numpy()
-    return out
-
-
-def nn_imputation_queries(items: np.ndarray, target: int, observed: np.ndarray, truth: list[np.ndarray],
-                          nn_k: int = 10, chunk: int = 1024) -> np.ndarray:
-    """NN-imputed features of ``target`` modality for ``items`` (each missing exactly that modality)."""
-    _n, M = observed.shape
-    sources = [j for j in range(M) if j != target]
-    normed = {j: _normalize(np.nan_to_num(truth[j])) for j in sources}
-    cand = observed[:, target] & observed[:, sources].all(axis=1)
-    cand_idx = torch.as_tensor(np.flatnonzero(cand))
-    tgt = torch.as_tensor(np.nan_to_num(truth[target]), dtype=torch.float32)[cand_idx]
-    out = np.zeros((len(items), truth[target].shape[1]), dtype=np.float32)
-    for s in range(0, len(items), chunk):
-        rows = torch.as_tensor(items[s:s + chunk])
-        sim = sum(normed[j][rows] @ normed[j][cand_idx].T for j in sources) / len(sources)
-        nb = torch.topk(sim, min(nn_k, sim.shape[1]), dim=1).indices
-        out[s:s + chunk] = tgt[nb].mean(dim=1).numpy()
     return out
 
 
@@ -104,12 +94,21 @@ class Candidates:
 
 
 def cross_modal_retrieval(generated: dict[str, np.ndarray], observed: np.ndarray, modalities: Sequence[str],
-                          truth: dict[str, np.ndarray], ks: Sequence[int] = (10, 20),
-                          nn_k: int = 10, similarity: str = "cosine") -> dict[str, Any]:
-    """Hit@K and mean rank of generated features (and of the NN baseline) per modality and missing level."""
+                          truth: dict[str, np.ndarray], ks: Sequence[int] = (10, 20), nn_k: int = 10,
+                          similarity: str = "cosine", *, strategies: Sequence[str] = ("nn",),
+                          train: sp.spmatrix | None = None, reference_items: np.ndarray | None = None,
+                          imputation_steps: int = 5, scaling: str = "none") -> dict[str, Any]:
+    """Hit@K and mean rank of the generated features and of each imputation strategy, per modality and missing
+    level (module notes). ``train`` (users x items) is needed by the ``graph`` strategy; ``reference_items``
+    restricts the imputation statistics and donors (old items in the new-item setting)."""
     M = len(modalities)
     n = observed.shape[0]
-    truth_list = [truth[m] for m in modalities]
+    clean = {m: np.nan_to_num(np.asarray(truth[m], dtype=np.float32)) for m in modalities}
+    scaler = FeatureScaler.fit(clean, observed, scaling, reference_items)
+    truth_list = [scaler.transform(m, truth[m]) for m in modalities]  # rows without truth stay NaN
+    known = {m: np.nan_to_num(t) for m, t in zip(modalities, truth_list, strict=True)}
+    imputed = {s: impute_features(known, observed, s, reference_items, train=train, k=nn_k, steps=imputation_steps)
+               for s in strategies}
     missing_count = (~observed).sum(axis=1)
     rows: list[dict[str, Any]] = []
     totals: dict[str, dict[str, list[np.ndarray]]] = {}
@@ -124,21 +123,20 @@ def cross_modal_retrieval(generated: dict[str, np.ndarray], observed: np.ndarray
         items = np.flatnonzero(~observed[:, j] & cand.has_truth)
         if len(items) == 0:
             continue
-        gen = cand.score(generated[m][items], items, ks)
+        scores = {"generated": cand.score(generated[m][items], items, ks)}
+        scores.update({s: cand.score(imputed[s][m][items], items, ks) for s in strategies})
         for level in range(1, M + 1):
             sel = missing_count[items] == level
             if not sel.any():
                 continue
             row: dict[str, Any] = {"modality": m, "missing": level, "items": int(sel.sum())}
-            record(row, level, "generated", {key: v[sel] for key, v in gen.items()})
-            if level == 1:
-                nn_items = items[sel]
-                queries = nn_imputation_queries(nn_items, j, observed, truth_list, nn_k)
-                record(row, level, "nn", cand.score(queries, nn_items, ks))
+            for method, sc in scores.items():
+                record(row, level, method, {key: v[sel] for key, v in sc.items()})
             rows.append(row)
     summary = {level: {key: float(np.concatenate(v).mean()) for key, v in d.items()}
                for level, d in totals.items()}
     return {"rows": rows, "by_missing_level": summary, "ks": list(ks), "nn_k": nn_k, "similarity": similarity,
+            "methods": ["generated", *strategies], "imputation_steps": imputation_steps, "scaling": scaling,
             "chance": {**{f"hit@{k}": min(1.0, k / n) for k in ks}, "rank": 0.5}}
 
 

@@ -34,6 +34,7 @@ _REGISTRY: dict[str, str] = {
     "MILK": "dgmrec.models.milk",
     "SIBRAR": "dgmrec.models.sibrar",
     "CI2MG": "dgmrec.models.ci2mg",
+    "Content": "dgmrec.models.content",
 }
 
 
@@ -73,7 +74,7 @@ def build_model(name: str, ds: RecDataset, config: Mapping[str, Any],
     a reproducible model.
     """
     cls = get_model_class(name)
-    data = ModelInput.from_dataset(ds, imputation=str(config.get("missing_imputation", "mean")), device=device)
+    data = ModelInput.from_dataset(ds, device=device, config=config)
     return cls(data, config).to(device)
 
 

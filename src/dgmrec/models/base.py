@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgmrec.data.dataset import RecDataset
-from dgmrec.data.impute import impute_features
+from dgmrec.data.impute import FeatureOptions, prepare_features
 from dgmrec.errors import ConfigError
 from dgmrec.losses import bpr_loss
 
@@ -47,11 +47,17 @@ class ModelInput:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
-    def from_dataset(cls, ds: RecDataset, imputation: str = "mean",
-                     device: torch.device | str = "cpu") -> ModelInput:
+    def from_dataset(cls, ds: RecDataset, imputation: str = "mean", device: torch.device | str = "cpu",
+                     config: Mapping[str, Any] | None = None) -> ModelInput:
+        """The model input of ``ds``, features scaled and imputed (:func:`dgmrec.data.impute.prepare_features`).
+
+        ``config`` (a resolved configuration) sets every feature option (``missing_imputation``,
+        ``imputation_k``, ``imputation_steps``, ``feature_scaling``); without it, ``imputation`` with the
+        other options at their defaults.
+        """
         device = torch.device(device)
-        ref = ~ds.new_items if ds.new_items is not None else None
-        imputed = impute_features(ds.features, ds.observed, imputation, reference_items=ref)
+        options = FeatureOptions.from_config(config) if config is not None else FeatureOptions(imputation)
+        imputed = prepare_features(ds, options)
         return cls(
             n_users=ds.n_users,
             n_items=ds.n_items,

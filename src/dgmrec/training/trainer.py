@@ -261,7 +261,8 @@ class Trainer:
             out = model.loss(batch)
             if not torch.isfinite(out.total):
                 raise FloatingPointError(f"loss became {out.total.item()} at epoch {epoch}")
-            out.total.backward()
+            if out.total.requires_grad:  # a model without trainable parameters (Content) has no gradient
+                out.total.backward()
             self.optimizer.step()
             totals["loss"] = totals.get("loss", 0.0) + float(out.total.detach())
             for k, v in out.parts.items():
