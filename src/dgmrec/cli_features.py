@@ -47,35 +47,19 @@ def _dataset_group() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- options
-ItemsOpt = Annotated[Path, typer.Option("--items", help="Items table (CSV, TSV or Parquet), one row per item.")]
-IdColumnOpt = Annotated[str, typer.Option("--id-column", help="Item id column of the items table.")]
-OutOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
-ItemsSepOpt = Annotated[
-    str | None,
-    typer.Option("--items-sep", help="Items table field separator (tab, comma, pipe, or a character)."),
-]
-ItemsNoHeaderOpt = Annotated[
-    bool,
-    typer.Option("--items-no-header", help="The items table has no header line (fields are named 1, 2, ...)."),
-]
-ItemsColumnsOpt = Annotated[
-    str | None,
-    typer.Option("--items-columns", help="Comma-separated names of a headerless items table's fields."),
-]
-ItemsEncodingOpt = Annotated[str, typer.Option("--items-encoding", help="Text encoding of the items table.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: cpu or cuda.")]
-CacheOpt = Annotated[
-    bool,
-    typer.Option("--cache/--no-cache", help="Reuse and update the content-hash cache in OUT/feature_cache."),
-]
-ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars on a terminal.")]
-
 Values = dict[str, Any]
+REQUIRED = inspect.Parameter.empty
 
 
-def _option(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
-    """One command parameter (typer reads the option from the ``Annotated`` annotation)."""
+def _param(name: str, annotation: Any, default: Any = REQUIRED) -> inspect.Parameter:
+    """One command parameter; typer reads the option from the ``Annotated`` annotation."""
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _option(name: str, kind: Any, help: str, default: Any = REQUIRED, **settings: Any) -> inspect.Parameter:
+    """The option ``--<name with dashes>`` of type ``kind`` (required without ``default``)."""
+    option = typer.Option("--" + name.replace("_", "-"), help=help, **settings)
+    return _param(name, Annotated[kind, option], default)
 
 
 def _command(params: list[inspect.Parameter], run: Callable[[Values], None], doc: str) -> Callable[..., None]:
@@ -99,7 +83,7 @@ class SourceOptions:
     source_class:
         The source class (its ``kind``, default encoder and batch size are used).
     params:
-        Where the content is: ``--<kind>-column`` and ``--<kind>-dir`` (both required by name), and more.
+        Where the content is: the options ``--<kind>-column`` and ``--<kind>-dir``, and any others.
     make:
         Option values and modality name -> the source.
     encoder_path:
@@ -130,47 +114,52 @@ SOURCE_OPTIONS: tuple[SourceOptions, ...] = (
     SourceOptions(
         TextSource,
         (
-            _option("text_column", Annotated[list[str] | None, typer.Option(
-                "--text-column", help="Text column; repeat to join several columns (newline-separated).")], None),
-            _option("text_dir", Annotated[Path | None, typer.Option(
-                "--text-dir", help="Folder with one text file per item.")], None),
-            _option("text_pattern", Annotated[str, typer.Option(
-                "--text-pattern", help="Text file name pattern inside --text-dir.")], "{id}.txt"),
-            _option("text_encoding", Annotated[str, typer.Option(
-                "--text-encoding", help="Encoding of the text files.")], "utf-8"),
+            _option("text_column", list[str] | None,
+                    "Text column; repeat to join several columns (newline-separated).", None),
+            _option("text_dir", Path | None, "Folder with one text file per item.", None),
+            _option("text_pattern", str, "Text file name pattern inside --text-dir.", "{id}.txt"),
+            _option("text_encoding", str, "Encoding of the text files.", "utf-8"),
         ),
         lambda v, modality: TextSource(columns=tuple(v["text_column"] or ()), text_dir=v["text_dir"],
                                        pattern=v["text_pattern"], encoding=v["text_encoding"], modality=modality),
-        "a sentence-transformers model folder",
-        "Texts",
-        "Encode item texts into OUT/<modality>_feat.npy; empty texts become all-NaN rows.",
+        encoder_path="a sentence-transformers model folder",
+        unit="Texts",
+        help="Encode item texts into OUT/<modality>_feat.npy; empty texts become all-NaN rows.",
     ),
     SourceOptions(
         ImageSource,
         (
-            _option("image_column", Annotated[str | None, typer.Option(
-                "--image-column", help="Column with image paths (relative to the items table's folder).")], None),
-            _option("image_dir", Annotated[Path | None, typer.Option(
-                "--image-dir", help="Folder of item images.")], None),
-            _option("image_pattern", Annotated[str, typer.Option(
-                "--image-pattern", help="Image file name pattern inside --image-dir.")], "{id}.jpg"),
+            _option("image_column", str | None, "Column with image paths (relative to the items table's folder).",
+                    None),
+            _option("image_dir", Path | None, "Folder of item images.", None),
+            _option("image_pattern", str, "Image file name pattern inside --image-dir.", "{id}.jpg"),
         ),
         lambda v, modality: ImageSource(column=v["image_column"], image_dir=v["image_dir"],
                                         pattern=v["image_pattern"], modality=modality),
-        "an image model file (.pt2, TorchScript)",
-        "Images",
-        "Encode item images into OUT/<modality>_feat.npy; absent or corrupt images become all-NaN rows.",
+        encoder_path="an image model file (.pt2, TorchScript)",
+        unit="Images",
+        help="Encode item images into OUT/<modality>_feat.npy; absent or corrupt images become all-NaN rows.",
     ),
 )  # fmt: skip
 
-_ITEMS_PARAMS = [_option("items", ItemsOpt), _option("id_column", IdColumnOpt)]
-_ITEMS_FORMAT_PARAMS = [
-    _option("items_sep", ItemsSepOpt, None),
-    _option("items_no_header", ItemsNoHeaderOpt, False),
-    _option("items_columns", ItemsColumnsOpt, None),
-    _option("items_encoding", ItemsEncodingOpt, "utf-8"),
+_ITEMS_PARAMS = [
+    _option("items", Path, "Items table (CSV, TSV or Parquet), one row per item."),
+    _option("id_column", str, "Item id column of the items table."),
 ]
-_RUN_PARAMS = [_option("cache", CacheOpt, True), _option("progress", ProgressOpt, True)]
+_OUT_PARAM = _option("out", Path, "Output folder.")
+_ITEMS_FORMAT_PARAMS = [
+    _option("items_sep", str | None, "Items table field separator (tab, comma, pipe, or a character).", None),
+    _option("items_no_header", bool, "The items table has no header line (fields are named 1, 2, ...).", False),
+    _option("items_columns", str | None, "Comma-separated names of a headerless items table's fields.", None),
+    _option("items_encoding", str, "Text encoding of the items table.", "utf-8"),
+]
+_DEVICE_PARAM = _option("device", str, "Torch device: cpu or cuda.", "cpu")
+_RUN_PARAMS = [
+    _param("cache", Annotated[bool, typer.Option(
+        "--cache/--no-cache", help="Reuse and update the content-hash cache in OUT/feature_cache.")], True),
+    _param("progress", Annotated[bool, typer.Option(
+        "--progress/--no-progress", help="Show progress bars on a terminal.")], True),
+]  # fmt: skip
 
 
 def _items_format(values: Values) -> TableFormat:
@@ -202,17 +191,15 @@ def _features_command(opts: SourceOptions) -> Callable[..., None]:
     cls = opts.source_class
     params = [
         *_ITEMS_PARAMS,
-        _option("out", OutOpt),
+        _OUT_PARAM,
         *opts.params,
-        _option("encoder", Annotated[str, typer.Option(
-            "--encoder", help=f"Registered encoder name or {opts.encoder_path}.")], cls.default_encoder),
-        _option("batch_size", Annotated[int, typer.Option(
-            "--batch-size", min=1, help=f"{opts.unit} per encoder call.")], cls.default_batch_size),
-        _option("device", DeviceOpt, "cpu"),
-        _option("modality", Annotated[str, typer.Option("--modality", help="Output modality name.")], opts.kind),
+        _option("encoder", str, f"Registered encoder name or {opts.encoder_path}.", cls.default_encoder),
+        _option("batch_size", int, f"{opts.unit} per encoder call.", cls.default_batch_size, min=1),
+        _DEVICE_PARAM,
+        _option("modality", str, "Output modality name.", opts.kind),
         *_ITEMS_FORMAT_PARAMS,
         *_RUN_PARAMS,
-    ]  # fmt: skip
+    ]
 
     def run(v: Values) -> None:
         source = opts.make(v, v["modality"])
@@ -264,37 +251,28 @@ def _dataset_build(v: Values) -> None:
 
 
 _DATASET_BUILD_PARAMS = [
-    _option("interactions", Annotated[Path, typer.Option(
-        "--interactions", help="Interactions table (CSV, TSV, Parquet, or headerless text).")]),
-    _option("user_column", Annotated[str, typer.Option("--user-column", help="User id column.")]),
-    _option("item_column", Annotated[str, typer.Option("--item-column", help="Item id column.")]),
+    _option("interactions", Path, "Interactions table (CSV, TSV, Parquet, or headerless text)."),
+    _option("user_column", str, "User id column."),
+    _option("item_column", str, "Item id column."),
     *_ITEMS_PARAMS,
-    _option("name", Annotated[str, typer.Option("--name", help="Dataset name (the <name>.inter file).")]),
-    _option("out", OutOpt),
-    _option("time_column", Annotated[str | None, typer.Option(
-        "--time-column", help="Timestamp column (unix seconds or dates).")], None),
-    _option("rating_column", Annotated[str | None, typer.Option("--rating-column", help="Rating column.")], None),
-    _option("min_rating", Annotated[float | None, typer.Option(
-        "--min-rating", help="Keep interactions with rating >= this value.")], None),
-    _option("sep", Annotated[str | None, typer.Option(
-        "--sep", help="Interactions field separator (tab, comma, pipe, or a character).")], None),
-    _option("no_header", Annotated[bool, typer.Option(
-        "--no-header", help="The interactions file has no header line.")], False),
-    _option("columns", Annotated[str | None, typer.Option(
-        "--columns", help="Comma-separated names of a headerless interactions file's fields.")], None),
-    _option("encoding", Annotated[str, typer.Option(
-        "--encoding", help="Text encoding of the interactions file.")], "utf-8"),
+    _option("name", str, "Dataset name (the <name>.inter file)."),
+    _OUT_PARAM,
+    _option("time_column", str | None, "Timestamp column (unix seconds or dates).", None),
+    _option("rating_column", str | None, "Rating column.", None),
+    _option("min_rating", float | None, "Keep interactions with rating >= this value.", None),
+    _option("sep", str | None, "Interactions field separator (tab, comma, pipe, or a character).", None),
+    _option("no_header", bool, "The interactions file has no header line.", False),
+    _option("columns", str | None, "Comma-separated names of a headerless interactions file's fields.", None),
+    _option("encoding", str, "Text encoding of the interactions file.", "utf-8"),
     *_ITEMS_FORMAT_PARAMS,
     *(p for opts in SOURCE_OPTIONS for p in opts.params),
-    *(_option(f"{opts.kind}_encoder", Annotated[str, typer.Option(
-        f"--{opts.kind}-encoder", help=f"{opts.kind.capitalize()} encoder: registered name or {opts.encoder_path}.")],
-        opts.source_class.default_encoder) for opts in SOURCE_OPTIONS),
-    *(_option(f"{opts.kind}_batch_size", Annotated[int, typer.Option(
-        f"--{opts.kind}-batch-size", min=1, help=f"{opts.unit} per encoder call.")],
-        opts.source_class.default_batch_size) for opts in SOURCE_OPTIONS),
-    _option("device", DeviceOpt, "cpu"),
+    *(_option(f"{opts.kind}_encoder", str, f"{opts.kind.capitalize()} encoder: registered name or "
+              f"{opts.encoder_path}.", opts.source_class.default_encoder) for opts in SOURCE_OPTIONS),
+    *(_option(f"{opts.kind}_batch_size", int, f"{opts.unit} per encoder call.", opts.source_class.default_batch_size,
+              min=1) for opts in SOURCE_OPTIONS),
+    _DEVICE_PARAM,
     *_RUN_PARAMS,
-]  # fmt: skip
+]
 dataset_app.command("build")(
     _command(
         _DATASET_BUILD_PARAMS,

