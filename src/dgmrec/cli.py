@@ -288,18 +288,13 @@ def data_import(
     time_column: Annotated[str, typer.Option("--time-column")] = "timestamp",
 ) -> None:
     """Remap raw ids and split chronologically per user 8:1:1 into <name>.inter (+ id maps)."""
-    import pandas as pd
-
-    from dgmrec.data.raw import read_raw_interactions
+    from dgmrec.data.mmrec import write_inter
+    from dgmrec.data.raw import ITEM_IDS_NAME, USER_IDS_NAME, read_raw_interactions, write_id_table
 
     raw = read_raw_interactions(interactions, user_column, item_column, time_column or None)
-    out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"userID": raw.users, "itemID": raw.items, "x_label": raw.labels}).to_csv(
-        out / f"{name}.inter", sep="\t", index=False)
-    pd.DataFrame({"userID": np.arange(len(raw.user_ids)), "original_id": raw.user_ids}).to_csv(
-        out / "user_ids.csv", index=False)
-    pd.DataFrame({"itemID": np.arange(len(raw.item_ids)), "original_id": raw.item_ids}).to_csv(
-        out / "item_ids.csv", index=False)
+    write_inter(out / f"{name}.inter", raw.splits())
+    write_id_table(out / USER_IDS_NAME, raw.user_ids, "userID")
+    write_id_table(out / ITEM_IDS_NAME, raw.item_ids, "itemID")
     console.print(f"{len(raw.users)} interactions, {len(raw.user_ids)} users, {len(raw.item_ids)} items "
                   f"-> {out / (name + '.inter')}")
 

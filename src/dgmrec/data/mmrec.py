@@ -20,6 +20,7 @@ from dgmrec.data.masks import draw_new_items, read_mask_file, save_plain_mask
 from dgmrec.errors import DataError
 
 INTER_COLUMNS = ("userID", "itemID", "x_label")
+SPLIT_LABELS = ("train", "valid", "test")  # x_label 0, 1, 2
 NEW_ITEMS_SUFFIX = "_new_items"
 PLAIN_MASK_NAME = "observed.npz"
 
@@ -225,17 +226,30 @@ def make_new_item_split(ds: RecDataset, new_items: np.ndarray, *, train: np.ndar
                    _train_csr=None)
 
 
+def write_inter(path: str | Path, splits: Sequence[np.ndarray]) -> Path:
+    """Write an MMRec ``.inter`` file atomically: header ``userID itemID x_label``, tab-separated.
+
+    ``splits`` holds the ``(n, 2)`` (user, item) pairs of train, valid and test (labels 0, 1, 2), written in
+    that order; the folder is created when needed.
+    """
+    if not 1 <= len(splits) <= len(SPLIT_LABELS):
+        raise ValueError(f"expected the pairs of {', '.join(SPLIT_LABELS)}, got {len(splits)} arrays")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [np.column_stack([np.asarray(p, dtype=np.int64).reshape(-1, 2), np.full(len(p), lab, dtype=np.int64)])
+            for lab, p in enumerate(splits)]
+    table = pd.DataFrame(np.concatenate(rows), columns=list(INTER_COLUMNS))
+    tmp = path.with_name(f".{path.name}.tmp")
+    table.to_csv(tmp, sep="\t", index=False)
+    tmp.replace(path)
+    return path
+
+
 def write_mmrec(ds: RecDataset, folder: str | Path, *, write_mask: bool = True,
                 features: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write ``ds`` as an MMRec folder (``<name>.inter``, ``<modality>_feat.npy``, ``observed.npz``)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = [np.column_stack([p, np.full(len(p), lab, dtype=np.int64)])
-            for lab, p in ((0, ds.train), (1, ds.valid), (2, ds.test))]
-    table = pd.DataFrame(np.concatenate(rows), columns=list(INTER_COLUMNS))
-    tmp = folder / f".{ds.name}.inter.tmp"
-    table.to_csv(tmp, sep="\t", index=False)
-    tmp.replace(folder / f"{ds.name}.inter")
+    write_inter(folder / f"{ds.name}.inter", (ds.train, ds.valid, ds.test))
     for m, x in (features or ds.features).items():
         tmp_f = folder / f".{m}_feat.tmp.npy"
         np.save(tmp_f, np.asarray(x, dtype=np.float32))

