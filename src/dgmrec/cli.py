@@ -263,18 +263,14 @@ def data_make_new_items(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the draw.")] = 1111,
 ) -> None:
     """Generate the new-item split: training rows of 20 % of the items (cold and warm) are removed."""
-    import pandas as pd
-
     from dgmrec.data.masks import draw_new_items
+    from dgmrec.data.mmrec import write_inter
 
     ds = api.load_dataset(folder)
     counts = np.bincount(ds.train[:, 1], minlength=ds.n_items)
     new = draw_new_items(counts, fraction=fraction, seed=seed)
     keep = ~new[ds.train[:, 1]]
-    parts = [(ds.train[keep], 0), (ds.valid, 1), (ds.test, 2)]
-    frame = pd.DataFrame(np.concatenate([np.column_stack([p, np.full(len(p), lab)]) for p, lab in parts]),
-                         columns=["userID", "itemID", "x_label"])
-    frame.to_csv(out, sep="\t", index=False)
+    write_inter(out, (ds.train[keep], ds.valid, ds.test))
     console.print(f"{int(new.sum())} new items; {int((~keep).sum())} training rows removed; written to {out}")
 
 
