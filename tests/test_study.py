@@ -306,7 +306,42 @@ def test_tuner_reads_validation_only_and_writes_the_best_configuration(tmp_path,
     study = st.load_study(path)
     best = {}
     for log in (study.store / "runs" / "LightGCN").glob("*/log.jsonl"):
+        if not (log.parent / "run.json").is_file():  # a pruned trial
+            continue
         cfg = yaml.safe_load((log.parent / "config.yaml").read_text())
         best[cfg["learning_rate"]] = max(json.loads(x)["valid"]["recall@20"] for x in log.read_text().splitlines())
     assert res.value == pytest.approx(max(best.values()))
     assert chosen["learning_rate"] == pytest.approx(max(best, key=best.get))
+
+
+class _PruneAfter:
+    """A stand-in optuna trial that asks to prune once it has seen two evaluations."""
+
+    def __init__(self):
+        self.steps = []
+
+    def report(self, value, step):
+        self.steps.append((step, value))
+
+    def should_prune(self):
+        return len(self.steps) >= 2
+
+
+def test_a_pruned_trial_stops_its_training_and_keeps_its_checkpoint(tmp_path, data_dir):
+    optuna = pytest.importorskip("optuna")
+    from dgmrec.experiments import tuning
+
+    study = st.load_study(_study_file(tmp_path, data_dir, models=[], analyses=[]))
+    planner = st._Planner(study, st.Fingerprints(study))
+    cell = planner.add("tuning", study.datasets["small"], "missing", "LightGCN", "default", 1,
+                       {"epochs": 3000, "stopping_step": 3000})
+    run = planner.runs[cell.key]
+    trial = _PruneAfter()
+    with pytest.raises(optuna.TrialPruned):
+        tuning._train_trial(study, run, trial, "recall@20")
+    folder = run.folder(study.store)
+    epochs = len((folder / "log.jsonl").read_text().splitlines())
+    assert [s for s, _ in trial.steps[:2]] == [0, 1]
+    assert 2 <= epochs < 3000  # interrupted long before its end
+    assert (folder / "checkpoint.pt").is_file() and not (folder / "run.json").exists()
+    assert not (study.store / "locks" / f"{run.key}.lock").exists()

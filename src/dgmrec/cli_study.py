@@ -72,14 +72,13 @@ def study_tune(
     workers: Annotated[int, typer.Option("--workers", help="Search processes sharing the SQLite storage.")] = 1,
 ) -> None:
     """Search the study's 'tuning' space with optuna on the validation metric; write the best configuration."""
+    import importlib.util
+
     from dgmrec.experiments.study import load_study
+    from dgmrec.experiments.tuning import tune
 
-    try:
-        import optuna  # noqa: F401
-
-        from dgmrec.experiments.tuning import tune
-    except ImportError:
-        raise InputError("tuning needs optuna: pip install 'dgmrec[experiments]'", source="study tune") from None
+    if importlib.util.find_spec("optuna") is None:
+        raise InputError("tuning needs optuna: pip install 'dgmrec[experiments]'", source="study tune")
     res = tune(load_study(study_file), workers=workers)
     console.print(f"best validation value {res.value:.4f} after {res.trials} trials ({res.pruned} pruned); "
                   f"configuration written to {res.output}")

@@ -136,7 +136,13 @@ def disentanglement(general: Sequence[np.ndarray], specific: Sequence[np.ndarray
 def tsne_points(general: Sequence[np.ndarray], specific: Sequence[np.ndarray], modalities: Sequence[str],
                 n_items: int, seed: int) -> list[tuple[int, str, str, float, float]]:
     """2-D t-SNE of the general and specific features of ``n_items`` random items (scikit-learn)."""
-    from sklearn.manifold import TSNE
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        from dgmrec.errors import InputError
+
+        raise InputError("the t-SNE of the disentanglement analysis needs scikit-learn: pip install "
+                         "'dgmrec[experiments]'", source="analyses: disentanglement") from None
 
     total = general[0].shape[0]
     items = np.sort(np.random.default_rng(seed).choice(total, size=min(n_items, total), replace=False))

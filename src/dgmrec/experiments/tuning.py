@@ -247,7 +247,7 @@ def _finished(ostudy: Any) -> int:
     import optuna
 
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(ostudy.get_trials(deep_copy=False, states=states))
+    return len(ostudy.get_trials(deepcopy=False, states=states))
 
 
 def tune_worker(study: Study) -> None:
@@ -297,7 +297,7 @@ def tune(study: Study, workers: int = 1) -> TuneResult:
             p.join()
     ostudy = _open(study, spec)
     best = ostudy.best_trial
-    pruned = len(ostudy.get_trials(deep_copy=False, states=(optuna.trial.TrialState.PRUNED,)))
+    pruned = len(ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)))
     chosen = dict(best.user_attrs.get("overrides", best.params))
     spec.output.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# {spec.model} on {spec.dataset} ({spec.setting}), chosen by `dgmrec study tune` on validation "
