@@ -979,6 +979,7 @@ def run_study(study: Study, *, workers: int = 1, device: str | None = None, max_
                               on_done=view.done)
         import multiprocessing as mp
 
+        before = {r.key for r in pending_runs(study, plan)}
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker_process, args=(str(study.path), device, max_runs))
                  for _ in range(workers)]
@@ -991,7 +992,8 @@ def run_study(study: Study, *, workers: int = 1, device: str | None = None, max_
             p.join()
         view.poll(total - len(pending_runs(study, plan)), [])
         failed = {str(p.pid): f"exit code {p.exitcode}" for p in procs if p.exitcode}
-        return RunOutcome(failed=failed)
+        left = {r.key for r in pending_runs(study, plan)}
+        return RunOutcome(trained=sorted(before - left), failed=failed)
     finally:
         view.close()
 
