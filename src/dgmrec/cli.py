@@ -16,13 +16,14 @@ from rich.console import Console
 from rich.table import Table
 
 from dgmrec import api
+from dgmrec.cli_study import study_app
 from dgmrec.errors import DataError, InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multimodal recommendation with missing modalities (DGMRec and baselines).")
 data_app = typer.Typer(no_args_is_help=True, help="Validate datasets and generate masks and splits.")
 app.add_typer(data_app, name="data")
-app.add_typer(__import__("dgmrec.cli_study", fromlist=["study_app"]).study_app, name="study")
+app.add_typer(study_app, name="study")
 # piped output is not cut at 80 columns (tables would lose digits)
 console = Console() if sys.stdout.isatty() else Console(width=160)
 
