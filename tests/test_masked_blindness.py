@@ -47,9 +47,9 @@ def with_masked_rows(ds: RecDataset, fill: str) -> RecDataset:
     return replace(ds, features=features)
 
 
-def run(name: str, ds: RecDataset) -> dict[str, Any]:
+def run(name: str, ds: RecDataset, imputation: str = "mean") -> dict[str, Any]:
     """Everything the model computes in two short epochs (two batches each) and one evaluation."""
-    model = build(name, ds, seed=3)
+    model = build(name, ds, seed=3, missing_imputation=imputation)
     record: dict[str, Any] = {"initial": snapshot(model.state_dict())}
     parts: list[dict[str, float]] = []
     original_loss = model.loss
@@ -99,13 +99,15 @@ def assert_identical(a: Any, b: Any, where: str) -> None:
         assert a == b or (a is None and b is None), f"{where}: {a!r} != {b!r}"
 
 
+@pytest.mark.parametrize("imputation", ["mean", "zero"])
 @pytest.mark.parametrize("name", available_models())
-def test_masked_content_changes_nothing(name, tiny):
+def test_masked_content_changes_nothing(name, imputation, tiny):
     ds = tiny["missing"]
-    reference = run(name, ds)
+    reference = run(name, ds, imputation)
     assert all(np.isfinite(reference["losses"])) and np.isfinite(reference["scores"]).all()
     for fill in ("nan", "huge", "swap"):
-        assert_identical(reference, run(name, with_masked_rows(ds, fill)), f"{name}, masked rows {fill}")
+        assert_identical(reference, run(name, with_masked_rows(ds, fill), imputation),
+                         f"{name}, {imputation} imputation, masked rows {fill}")
 
 
 @pytest.mark.parametrize("name", ["DGMRec", "CI2MG", "MILK", "SIBRAR", "LATTICE"])
@@ -116,16 +118,17 @@ def test_masked_content_changes_nothing_new_items(name, tiny):
     assert_identical(reference, run(name, with_masked_rows(ds, "nan")), f"{name}, new items, masked rows nan")
 
 
-def test_imputed_input_hides_masked_rows(tiny):
-    """What a model receives: masked rows hold the mean of the observed rows, whatever the file held."""
+@pytest.mark.parametrize("imputation", ["mean", "zero"])
+def test_imputed_input_hides_masked_rows(tiny, imputation):
+    """What a model receives: masked rows hold the mean of the observed rows (or zeros), whatever the file held."""
     ds = tiny["missing"]
-    reference = ModelInput.from_dataset(ds)
+    reference = ModelInput.from_dataset(ds, imputation)
     for fill in ("nan", "huge"):
-        data = ModelInput.from_dataset(with_masked_rows(ds, fill))
+        data = ModelInput.from_dataset(with_masked_rows(ds, fill), imputation)
         for j, m in enumerate(ds.modalities):
             assert torch.equal(data.features[m], reference.features[m]), (m, fill)
             x = data.features[m].double().numpy()
             obs = ds.observed[:, j]
             np.testing.assert_array_equal(x[obs], ds.features[m][obs])
-            np.testing.assert_allclose(x[~obs], np.broadcast_to(ds.features[m][obs].mean(0), x[~obs].shape),
-                                       rtol=1e-5)
+            fill_row = ds.features[m][obs].mean(0) if imputation == "mean" else np.zeros(x.shape[1])
+            np.testing.assert_allclose(x[~obs], np.broadcast_to(fill_row, x[~obs].shape), rtol=1e-5)
