@@ -13,7 +13,7 @@ scores give 0.5 in expectation; scores that rank the user's cluster first give :
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ class Planted:
     group: np.ndarray  # (n_items,) index into GROUPS
 
     def oracle_scores(self) -> np.ndarray:
-        """1 for the items of the user's cluster, 0 otherwise (the best any content-based ranking can do)."""
+        """1 for the items of the user's cluster, 0 otherwise: a ranking that knows the clusters and nothing else."""
         return (self.user_cluster[:, None] == self.item_cluster[None, :]).astype(np.float64)
 
     def oracle_percentile(self, pairs: np.ndarray, among: np.ndarray | None = None) -> float:
@@ -51,7 +51,7 @@ class Planted:
 
 def make_planted(n_clusters: int = 4, users_per_cluster: int = 30, items_per_group: int = 6,
                  modalities: Sequence[tuple[str, int]] = (("image", 12), ("text", 10)),
-                 per_user: int = 10, n_valid: int = 2, n_test: int = 2, noise: float | Mapping[str, float] = 0.3,
+                 per_user: int = 10, n_valid: int = 2, n_test: int = 2, noise: float = 0.3,
                  new_per_group: int = 0, seed: int = 0, name: str = "planted") -> Planted:
     """Build the planted dataset (see the module docstring); ``new_per_group > 0`` gives the new-item setting.
 
@@ -69,8 +69,7 @@ def make_planted(n_clusters: int = 4, users_per_cluster: int = 30, items_per_gro
     features: dict[str, np.ndarray] = {}
     for m, dim in modalities:
         centroids = rng.normal(size=(n_clusters, dim))
-        scale = noise[m] if isinstance(noise, Mapping) else noise
-        features[m] = (centroids[item_cluster] + scale * rng.normal(size=(n_items, dim))).astype(np.float32)
+        features[m] = (centroids[item_cluster] + noise * rng.normal(size=(n_items, dim))).astype(np.float32)
     train, valid, test = [], [], []
     for u in range(n_users):
         own = np.flatnonzero(item_cluster == user_cluster[u])
@@ -147,11 +146,6 @@ def all_scores(model: Recommender, epoch: int | None = None) -> np.ndarray:
             model.before_evaluation(epoch)
         model.prepare_eval()
         return model.score_users(torch.arange(model.n_users)).double().numpy()
-
-
-def features_of(model: Recommender) -> Mapping[str, np.ndarray] | None:
-    completed = model.completed_features()
-    return None if completed is None else {m: x.detach().double().numpy() for m, x in completed.items()}
 
 
 def content_scores(planted: Planted, rows: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
