@@ -118,7 +118,7 @@ def test_new_items_get_content_translated_from_their_observed_modality(planted_n
     model = build("DGMRec", ds, seed=0, **CLEAN, **FROZEN, **SMALL)
     fit(model, ds, epochs=3, lr=0.01, batch_size=128)
     new = ds.new_items
-    before = {j: t.detach().double().numpy().copy() for j, t in enumerate(model.features)}
+    before = {j: model.state_dict()[f"features.{j}"].double().numpy().copy() for j in range(ds.n_modalities)}
     model.eval()
     model.before_evaluation(2)
     shares, chance = [], []
