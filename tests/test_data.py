@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import pandas as pd
@@ -59,7 +60,7 @@ def test_pickled_mask_two_and_three_letter_keys(tmp_path):
               "va": np.array([5]), "all": np.array([6])}
     path = tmp_path / "mask.npy"
     np.save(path, groups, allow_pickle=True)
-    loaded = load_pickled_mask_dict(path)
+    loaded = load_pickled_mask_dict(path, 8)
     assert set(loaded) == set(groups)
     obs = mask_from_key_dict(loaded, 8, ["image", "audio"])  # text letter ignored: not a modality here
     assert obs[:, 0].tolist() == [1, 1, 0, 1, 0, 0, 0, 1]  # image missing: v, tv, va, all
@@ -79,17 +80,110 @@ def test_malicious_pickle_is_rejected_without_running(tmp_path):
     with path.open("wb") as f:
         pickle.dump({"t": Evil()}, f)
     with pytest.raises(DataError, match="only NumPy arrays and dicts"):
-        load_pickled_mask_dict(path)
+        load_pickled_mask_dict(path, 8)
     assert not (tmp_path / "pwned").exists()
 
 
-def test_bad_mask_keys_and_ids(tmp_path):
-    with pytest.raises(DataError, match="mask key letter 'x' has no modality"):
-        mask_from_key_dict({"x": np.array([0])}, 4, ["image", "text"])
-    with pytest.raises(DataError, match="unknown mask key 'tt'"):
-        mask_from_key_dict({"tt": np.array([0])}, 4, ["image", "text"])
-    with pytest.raises(DataError, match="out of range"):
-        mask_from_key_dict({"t": np.array([9])}, 4, ["image", "text"])
+@pytest.mark.parametrize("groups, message", [
+    ({"x": np.array([0])}, "mask key letter 'x' has no modality"),
+    ({"tt": np.array([0])}, "unknown mask key 'tt'"),
+    ({"t": np.array([9])}, "item id 9 out of range 0..3"),
+    ({"t": np.array([-1])}, "item id -1 out of range 0..3"),
+    ({"t": np.array([1]), "v": np.array([1])}, "another key also lists"),
+], ids=["letter", "key", "id-too-large", "id-negative", "listed-twice"])
+def test_bad_mask_keys_and_ids(groups, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        mask_from_key_dict(groups, 4, ["image", "text"], source="m.npy")
+
+
+# --------------------------------------------------------------------------- pickled mask reader: caps
+N_ITEMS = 100
+
+
+def _nested_bomb() -> object:
+    """A list of 2**21 zeros as 21 levels of ``[x, x]``: under 200 bytes pickled (shared references)."""
+    x: object = 0
+    for _ in range(21):
+        x = [x, x]
+    return x
+
+
+def _pickled(path, obj) -> str:
+    with path.open("wb") as f:
+        pickle.dump(obj, f, protocol=4)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nested-list-bomb", "nested list"),
+    ("nested-array", r"nested \(2-D\) array"),
+    ("nested-in-object-array", "nested list"),
+    ("id-out-of-range", "item id 100 out of range 0..99"),
+    ("negative-id", "item id -3 out of range 0..99"),
+    ("more-ids-than-items", "more item ids"),
+    ("long-list", "lists 101 ids, more than there are items"),
+    ("file-too-large", "bytes, more than a mask of 100 items needs"),
+    ("float-ids", "holds float64 values"),
+    ("scalar", "holds a int, expected a list or array"),
+    ("not-a-dict", "holds a list, expected a dict"),
+    ("key-not-a-string", "is not a string"),
+    ("truncated", "not a valid mask pickle"),
+])
+def test_pickled_mask_reader_rejects(tmp_path, case, message):
+    path = tmp_path / "mask.npy"
+    if case == "nested-list-bomb":
+        src = _pickled(path, {"t": _nested_bomb()})
+        assert path.stat().st_size < 200  # and yet two million ids once expanded
+    elif case == "nested-array":
+        src = str(path)
+        np.save(path, {"t": np.zeros((3, 2), dtype=np.int64)}, allow_pickle=True)
+    elif case == "nested-in-object-array":
+        src = str(path)
+        np.save(path, {"t": np.array([[1, 2], [3]], dtype=object)}, allow_pickle=True)
+    elif case == "id-out-of-range":
+        src = _pickled(path, {"t": np.array([3, N_ITEMS])})
+    elif case == "negative-id":
+        src = _pickled(path, {"t": [1, -3]})
+    elif case == "more-ids-than-items":  # every key small, together more than the catalogue
+        src = _pickled(path, {"t": np.arange(60), "v": np.arange(60)})
+    elif case == "long-list":
+        src = _pickled(path, {"t": [0] * (N_ITEMS + 1)})
+    elif case == "file-too-large":
+        src = str(path)
+        np.save(path, {"t": np.arange(N_ITEMS), "junk": "x" * (1 << 17)}, allow_pickle=True)
+    elif case == "float-ids":
+        src = _pickled(path, {"t": np.array([1.0, 2.0])})
+    elif case == "scalar":
+        src = _pickled(path, {"t": 5})
+    elif case == "not-a-dict":
+        src = _pickled(path, [np.array([1])])
+    elif case == "key-not-a-string":
+        src = _pickled(path, {1: np.array([1])})
+    else:
+        src = str(path)
+        path.write_bytes(pickle.dumps({"t": np.arange(5)})[:-10])
+    with pytest.raises(DataError) as exc:
+        load_pickled_mask_dict(path, N_ITEMS)
+    text = str(exc.value)
+    assert text.startswith(f"{src}: ") and "\n" not in text, text
+    assert re.search(message, text), text
+
+
+def test_pickled_mask_reader_accepts_lists_tuples_and_empty_keys(tmp_path):
+    path = tmp_path / "mask.npy"
+    np.save(path, {"t": [0, 5], "v": (np.int64(7),), "all": np.array([], dtype=np.float64)}, allow_pickle=True)
+    loaded = load_pickled_mask_dict(path, 8)
+    assert {k: v.tolist() for k, v in loaded.items()} == {"t": [0, 5], "v": [7], "all": []}
+    assert all(v.dtype == np.int64 for v in loaded.values())
+
+
+def test_mask_file_caps_follow_the_dataset(tmp_path):
+    """``read_mask_file`` (and so ``load_mmrec``) caps by the dataset's catalogue."""
+    path = tmp_path / "mask.npy"
+    np.save(path, {"t": np.array([7])}, allow_pickle=True)
+    assert not read_mask_file(path, 8, ["image", "text"])[7, 1]
+    with pytest.raises(DataError, match=re.escape("item id 7 out of range 0..6")):
+        read_mask_file(path, 7, ["image", "text"])
 
 
 def test_plain_mask_roundtrip(tmp_path):
@@ -154,20 +248,30 @@ def test_malformed_inter(tmp_path, content, message):
         load_mmrec(tmp_path)
 
 
-def test_feature_rows_and_values_are_checked(tmp_path):
+@pytest.mark.parametrize("case, message", [
+    ("rows", "has 5 rows but image_feat.npy has 8"),
+    ("inf", "row 2 contains inf"),
+    ("partial-nan", "row 2 contains NaN"),
+    ("dims", "2-D"),
+    ("dtype", "not a plain numeric"),
+])
+def test_feature_rows_and_values_are_checked(tmp_path, case, message):
     write_folder(tmp_path)
-    np.save(tmp_path / "text_feat.npy", np.zeros((5, 3), dtype=np.float32))
-    with pytest.raises(DataError, match="rows"):
-        load_mmrec(tmp_path)
     x = np.ones((8, 3), dtype=np.float32)
-    x[2, 1] = np.inf
-    np.save(tmp_path / "text_feat.npy", x)
-    with pytest.raises(DataError, match="row 2 contains inf"):
+    if case == "rows":
+        x = x[:5]
+    elif case == "inf":
+        x[2, 1] = np.inf
+    elif case == "partial-nan":
+        x[2, 1] = np.nan
+    elif case == "dims":
+        x = x[:, 0]
+    else:
+        x = np.array([{"a": 1}] * 8, dtype=object)
+    np.save(tmp_path / "text_feat.npy", x, allow_pickle=True)
+    with pytest.raises(DataError, match=message) as exc:
         load_mmrec(tmp_path)
-    x[2, 1] = np.nan
-    np.save(tmp_path / "text_feat.npy", x)
-    with pytest.raises(DataError, match="row 2 contains NaN"):
-        load_mmrec(tmp_path)
+    assert str(exc.value).startswith(str(tmp_path / "text_feat.npy"))
 
 
 def test_write_and_read_back(tmp_path):

@@ -4,7 +4,8 @@ Formats read:
 
 * the reference's pickled dict of item-id arrays keyed by the set of *missing* modality letters
   (``t v all`` for two modalities, ``t v a tv ta va all`` for three). The file is read with a restricted
-  unpickler that accepts only NumPy arrays, dtypes, dicts, lists and plain values; anything else is rejected.
+  unpickler that accepts only NumPy arrays, dtypes, dicts, lists and plain values; anything else is rejected,
+  and what it accepts is capped by the catalogue size (see :func:`load_pickled_mask_dict`).
 * the project's plain format: an ``.npz`` with ``observed`` (bool, items x modalities) and ``modalities``
   (unicode names), loaded with ``allow_pickle=False``;
 * all-NaN rows of a feature matrix (real missing content).
@@ -51,11 +52,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
 
-def load_pickled_mask_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a reference mask file (``np.save`` of a dict, or a plain pickle) without running its code."""
+#: a mask lists every item at most once: besides a fixed allowance for the pickle's framing, a mask file needs at
+#: most this many bytes per catalogue item (an int64 id takes 8)
+_PICKLE_BYTES_PER_ITEM = 16
+_PICKLE_BASE_BYTES = 1 << 16
+
+
+def load_pickled_mask_dict(path: str | Path, n_items: int) -> dict[str, np.ndarray]:
+    """Read a reference mask file (``np.save`` of a dict, or a plain pickle) without running its code.
+
+    What it accepts is capped by the catalogue of ``n_items`` items: the file size (:data:`_PICKLE_BYTES_PER_ITEM`
+    bytes per item plus a fixed allowance), flat lists or 1-D arrays of integer ids only (no nesting, whose shared
+    references let a tiny pickle expand into millions of ids), ids in ``0..n_items-1`` and at most ``n_items`` ids
+    in all (an item is listed under one key at most).
+    """
     path = Path(path)
     src = str(path)
+    limit = _PICKLE_BASE_BYTES + _PICKLE_BYTES_PER_ITEM * int(n_items)
     try:
+        size = path.stat().st_size
+        if size > limit:
+            raise DataError(f"mask file has {size} bytes, more than a mask of {n_items} items needs ({limit})",
+                            source=src)
         with path.open("rb") as f:
             head = f.read(6)
             f.seek(0)
@@ -79,17 +97,54 @@ def load_pickled_mask_dict(path: str | Path) -> dict[str, np.ndarray]:
     if not isinstance(obj, dict):
         raise DataError(f"mask pickle holds a {type(obj).__name__}, expected a dict", source=src)
     out: dict[str, np.ndarray] = {}
+    total = 0
     for key, value in obj.items():
         if not isinstance(key, str):
             raise DataError(f"mask key {key!r} is not a string", source=src)
-        arr = np.asarray(value)
-        if arr.dtype.kind not in "iu" and not (arr.size == 0):
-            raise DataError(f"mask key '{key}' holds {arr.dtype} values, expected item ids", source=src)
-        out[key] = arr.astype(np.int64).ravel()
+        ids = _flat_ids(value, key, n_items, src)
+        total += len(ids)
+        if total > n_items:
+            raise DataError(f"mask lists more item ids ({total} up to key '{key}') than there are items ({n_items})",
+                            source=src)
+        bad = ids[(ids < 0) | (ids >= n_items)]
+        if len(bad):
+            raise DataError(f"mask key '{key}' has item id {bad[0]} out of range 0..{n_items - 1}", source=src)
+        out[key] = ids
     return out
 
 
-def _letters_for_key(key: str, letters: Mapping[str, str], all_letters: str) -> str:
+def _flat_ids(value: object, key: str, n_items: int, src: str) -> np.ndarray:
+    """The item ids of one mask key: a flat list/tuple of integers or a 0-/1-D integer array, at most ``n_items``."""
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        if value.ndim > 1:
+            raise DataError(f"mask key '{key}' holds a nested ({value.ndim}-D) array, expected a flat list of ids",
+                            source=src)
+        if value.size > n_items:
+            raise DataError(f"mask key '{key}' lists {value.size} ids, more than there are items ({n_items})",
+                            source=src)
+        if value.dtype.kind not in "iu" and value.size:
+            raise DataError(f"mask key '{key}' holds {value.dtype} values, expected item ids", source=src)
+        return value.astype(np.int64).ravel()
+    if isinstance(value, np.ndarray):  # object array: check its elements like a list's
+        if value.ndim > 1:
+            raise DataError(f"mask key '{key}' holds a nested ({value.ndim}-D) array, expected a flat list of ids",
+                            source=src)
+        value = value.ravel().tolist()
+    if not isinstance(value, list | tuple):
+        raise DataError(f"mask key '{key}' holds a {type(value).__name__}, expected a list or array of item ids",
+                        source=src)
+    if len(value) > n_items:
+        raise DataError(f"mask key '{key}' lists {len(value)} ids, more than there are items ({n_items})", source=src)
+    for v in value:
+        if isinstance(v, list | tuple | dict | set | np.ndarray):
+            raise DataError(f"mask key '{key}' holds a nested {type(v).__name__}, expected a flat list of ids",
+                            source=src)
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            raise DataError(f"mask key '{key}' holds {type(v).__name__} values, expected item ids", source=src)
+    return np.asarray(value, dtype=np.int64).ravel()
+
+
+def _letters_for_key(key: str, all_letters: str) -> str:
     return all_letters if key == "all" else key
 
 
@@ -130,7 +185,7 @@ def mask_from_key_dict(
         if seen[ids].any():
             raise DataError(f"mask key '{key}' lists an item that another key also lists", source=source)
         seen[ids] = True
-        for c in _letters_for_key(key, letters, all_letters):
+        for c in _letters_for_key(key, all_letters):
             name = letters[c]
             if name in col:
                 observed[ids, col[name]] = False
@@ -201,7 +256,7 @@ def read_mask_file(
             if name in names:
                 out[:, j] = observed[:, names.index(name)]
         return out
-    groups = load_pickled_mask_dict(path)
+    groups = load_pickled_mask_dict(path, n_items)
     return mask_from_key_dict(groups, n_items, modalities, letters, source=str(path))
 
 
