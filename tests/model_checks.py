@@ -63,7 +63,8 @@ def _steps(model: Recommender, ds: RecDataset, n_epochs: int, lr: float = 0.01, 
         for batch in sampler.epoch(batch_size, bool(model.config.get("use_neg_sampling", True))):
             opt.zero_grad()
             out = model.loss(batch)
-            out.total.backward()
+            if out.total.requires_grad:  # a model without trainable parameters (Content) has no gradient
+                out.total.backward()
             opt.step()
             losses.append(float(out.total.detach()))
         model.after_epoch(epoch)

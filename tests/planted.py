@@ -131,7 +131,8 @@ def fit(model: Recommender, ds: RecDataset, epochs: int, lr: float = 0.01, batch
                 break
             opt.zero_grad(set_to_none=True)
             out = model.loss(batch)
-            out.total.backward()
+            if out.total.requires_grad:  # a model without trainable parameters (Content) has no gradient
+                out.total.backward()
             opt.step()
             losses.append(float(out.total.detach()))
         model.after_epoch(epoch)
