@@ -209,6 +209,41 @@ def demo(
 
 
 # ------------------------------------------------------------------------------------------------ data
+@app.command()
+def serve(
+    run: Annotated[Path, typer.Option("--run", help="Run directory written by `dgmrec train`.")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    ann_above: Annotated[int, typer.Option("--ann-above", help="Similar items from a faiss HNSW index above this "
+                                                               "many items; exact below.")] = 100_000,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body (MiB).")] = 8.0,
+    export: Annotated[Path | None, typer.Option("--export", help="Write the feedback received so far as "
+                                                                 "user,item,timestamp CSV to this file and exit "
+                                                                 "(for `dgmrec data import`).")] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Serve a run over HTTP: recommendations, similar items, new items, feedback (needs the serve extra)."""
+    if export is not None:
+        from dgmrec.serving.store import STORE_NAME, Store, export_feedback
+
+        if not (run / STORE_NAME).is_file():
+            raise DataError("no serving store (the run was never served)", source=str(run / STORE_NAME))
+        store = Store(run / STORE_NAME)
+        n = export_feedback(store, export)
+        store.close()
+        console.print(f"{n} interactions -> {export}")
+        return
+    try:
+        from dgmrec.serving.app import serve as run_server
+    except ImportError as exc:
+        raise InputError(f"the serve extra is not installed ({exc.name} missing): pip install 'dgmrec[serve]'",
+                         source="serve") from None
+    if max_body_mb <= 0:
+        raise InputError("must be positive", source="--max-body-mb")
+    run_server(run, host=host, port=port, ann_above=ann_above, max_body_bytes=int(max_body_mb * 1024 * 1024),
+               device=device)
+
+
 @data_app.command("check")
 def data_check(
     folder: Annotated[Path, typer.Argument(help="MMRec dataset folder.")],
