@@ -132,10 +132,6 @@ class MetricsMiddleware:
 
 
 # ----------------------------------------------------------------------------------------- body limit
-class _BodyTooLarge(Exception):
-    pass
-
-
 async def _send_error(send: Send, status: int, detail: str, field: str | None) -> None:
     body = json.dumps({"detail": detail, "field": field}).encode()
     await send({"type": "http.response.start", "status": status,
@@ -165,29 +161,35 @@ class BodyLimitMiddleware:
                 if declared > self.max_bytes:
                     await _send_error(send, 413, message, "body")
                     return
-        received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        # read the whole body (at most max_bytes) before the application sees it, then hand it over
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge
-            return msg
-
-        async def track_send(msg: Message) -> None:
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
-        try:
-            await self.app(scope, limited_receive, track_send)
-        except _BodyTooLarge:
-            if not started:
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
                 await _send_error(send, 413, message, "body")
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 # ------------------------------------------------------------------------------------------- errors
