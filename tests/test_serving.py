@@ -438,3 +438,27 @@ def test_malformed_bodies_get_4xx_without_tracebacks(client: TestClient, run_dir
         r = c.post("/items", content=stream(), headers={"content-type": "application/json"})
         assert r.status_code == 413
     small.close()
+
+
+def test_exported_items_hold_the_sent_and_the_completed_features(run_dir: Path, tmp_path: Path) -> None:
+    from dgmrec.cli import main
+    from dgmrec.data.masks import load_plain_mask
+
+    image = _image_of(run_dir, 30)
+    state = ServingState(run_dir)
+    state.add_items([("shoe", {"image": image}), ("hat", {"text": [0.25] * 48, "audio": [1.0] * 32})])
+    completed = {m: state.snapshot.spaces[m][-2:] for m in ("image", "text", "audio")}  # unit rows
+    state.close()
+    main(["serve", "--run", str(run_dir), "--export-items", str(tmp_path / "added")])
+    ids = pd.read_csv(tmp_path / "added" / "item_ids.csv", dtype=str)
+    assert ids["original_id"].tolist() == ["shoe", "hat"]
+    observed, modalities = load_plain_mask(tmp_path / "added" / "observed.npz")
+    assert modalities == ["image", "text", "audio"]
+    assert observed.tolist() == [[True, False, False], [False, True, True]]
+    image_rows = np.load(tmp_path / "added" / "image_feat.npy")
+    np.testing.assert_allclose(image_rows[0], image, rtol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "added" / "audio_feat.npy")[1], 1.0)
+    for m, unit in completed.items():  # the generated rows are the ones similar-item search uses
+        rows = np.load(tmp_path / "added" / f"{m}_feat.npy")
+        assert np.isfinite(rows).all()
+        np.testing.assert_allclose(rows / np.linalg.norm(rows, axis=1, keepdims=True), unit, rtol=1e-4, atol=1e-5)

@@ -220,18 +220,26 @@ def serve(
     export: Annotated[Path | None, typer.Option("--export", help="Write the feedback received so far as "
                                                                  "user,item,timestamp CSV to this file and exit "
                                                                  "(for `dgmrec data import`).")] = None,
+    export_items: Annotated[Path | None, typer.Option("--export-items", help="Write the added items (ids, "
+                                                                             "completed features, mask) into "
+                                                                             "this folder and exit.")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Serve a run over HTTP: recommendations, similar items, new items, feedback (needs the serve extra)."""
-    if export is not None:
+    if export is not None or export_items is not None:
         from dgmrec.serving.store import STORE_NAME, Store, export_feedback
+        from dgmrec.serving.store import export_items as write_items
 
         if not (run / STORE_NAME).is_file():
             raise DataError("no serving store (the run was never served)", source=str(run / STORE_NAME))
         store = Store(run / STORE_NAME)
-        n = export_feedback(store, export)
-        store.close()
-        console.print(f"{n} interactions -> {export}")
+        try:
+            if export is not None:
+                console.print(f"{export_feedback(store, export)} interactions -> {export}")
+            if export_items is not None:
+                console.print(f"{write_items(store, export_items)} added items -> {export_items}")
+        finally:
+            store.close()
         return
     try:
         from dgmrec.serving.app import serve as run_server

@@ -15,6 +15,7 @@ ids of users first seen in feedback. Internal indices never leave this module.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import tempfile
 import threading
@@ -254,6 +255,13 @@ class ServingState:
         self.dims = {m: int(x.shape[1]) for m, x in lr.dataset.features.items()}
         self.base = lr.dataset
         user_ids, item_ids = dataset_ids(lr)
+        layout = json.dumps([[m, d] for m, d in self.dims.items()])
+        recorded = self.store.get_meta("modalities")
+        if recorded is not None and recorded != layout:
+            raise DataError(f"the store was written for modalities {recorded}, the run has {layout}",
+                            source=str(self.store.path))
+        with self.store.transaction() as db:
+            self.store.set_meta(db, "modalities", layout)
         self.users = IdMap(user_ids, "user")
         self.items = IdMap(item_ids, "item")
         self.generates = self._completed_features() is not None

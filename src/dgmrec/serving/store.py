@@ -21,6 +21,7 @@ The trained checkpoint is never written; everything the service learns goes here
 from __future__ import annotations
 
 import csv
+import json
 import sqlite3
 import threading
 import time
@@ -225,3 +226,27 @@ def export_feedback(store: Store, out: str | Path) -> int:
         writer.writerows((u, i, repr(t)) for u, i, t in rows)
     tmp.replace(out)
     return len(rows)
+
+
+def export_items(store: Store, out: str | Path) -> int:
+    """Write the store's added items into folder ``out``: ``item_ids.csv`` (``itemID,original_id``),
+    ``<modality>_feat.npy`` (completed rows: the client's vectors, generated or imputed ones for the rest) and
+    ``observed.npz`` (which modalities the client sent), the files of a dataset folder; returns the number of
+    items."""
+    from dgmrec.data.masks import save_plain_mask
+    from dgmrec.data.raw import ITEM_IDS_NAME, write_id_table
+
+    layout = store.get_meta("modalities")
+    if layout is None:
+        raise DataError("the store does not record the run's modalities (it was never served)", source=str(store.path))
+    dims = {str(m): int(d) for m, d in json.loads(layout)}
+    added = store.added_items(dims)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_id_table(out / ITEM_IDS_NAME, added.ids, "itemID")
+    for m in dims:
+        tmp = out / f".{m}_feat.tmp.npy"
+        np.save(tmp, added.completed[m])
+        tmp.replace(out / f"{m}_feat.npy")
+    save_plain_mask(out / "observed.npz", added.observed(list(dims)), list(dims))
+    return len(added)
