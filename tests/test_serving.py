@@ -80,10 +80,12 @@ def _raw(values: pd.Series, name: Callable[[int], str]) -> list[str]:
     return [str(v) for v in values]
 
 
-def api_lists(run: Path | api.LoadedRun, k: int, exclude: str) -> dict[str, tuple[list[str], np.ndarray]]:
+def api_lists(run: Path | api.LoadedRun, k: int, exclude: str,
+              added: tuple[str, ...] = ()) -> dict[str, tuple[list[str], np.ndarray]]:
+    """``api.recommend``'s lists by raw user id; ``added``: ids of the items added to the run, in order."""
     table = api.recommend(run, k=k, exclude=exclude)
     users = _raw(table["user"], user_id)
-    items = _raw(table["item"], item_id)
+    items = _raw(table["item"], lambda i: item_id(i) if i < N_ITEMS else added[i - N_ITEMS])
     out: dict[str, tuple[list[str], list[float]]] = {}
     for u, i, s in zip(users, items, table["score"], strict=True):
         out.setdefault(u, ([], []))
@@ -211,9 +213,15 @@ def _image_of(run_dir: Path, i: int) -> list[float]:
     return np.load(folder / "image_feat.npy")[i].astype(float).tolist()
 
 
+def _with_image(run_dir: Path) -> int:
+    """An item whose image the dataset observes (its completed image row is its own)."""
+    return int(np.flatnonzero(api.load_run(run_dir).dataset.observed[:, 0])[3])
+
+
 def test_added_item_is_recommendable_and_matches_the_python_api(client: TestClient, run_dir: Path,
                                                                 tmp_path: Path) -> None:
-    image = _image_of(run_dir, 12)
+    source = _with_image(run_dir)
+    image = _image_of(run_dir, source)
     r = client.post("/items", json={"items": [{"id": "fresh", "features": {"image": image, "text": None}}]})
     assert r.status_code == 200, r.text
     assert r.json()["items"] == [{"id": "fresh", "observed": ["image"], "generated": ["text", "audio"],
@@ -221,22 +229,23 @@ def test_added_item_is_recommendable_and_matches_the_python_api(client: TestClie
     # the Python API with the same item gives the same lists
     lr = api.load_run(run_dir)
     api.add_items(lr, {"image": np.asarray([image], dtype=np.float32)}, item_ids=["fresh"], out=tmp_path / "added")
-    expected = api_lists(lr, N_ITEMS + 1, "none")
+    expected = api_lists(lr, N_ITEMS + 1, "none", added=("fresh",))
     body = recs(client, user_id(8), N_ITEMS + 1, "none")
     assert [x["item"] for x in body["items"]] == expected[user_id(8)][0]
     assert "fresh" in [x["item"] for x in body["items"]]
-    # the copied image makes item 12 its nearest image neighbour
+    # the copied image makes its source the nearest image neighbour
     near = client.get("/items/fresh/similar", params={"k": 1, "modality": "image"}).json()["items"]
-    assert near[0]["item"] == item_id(12) and near[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert near[0]["item"] == item_id(source) and near[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert client.get("/health").json()["added_items"] == 1
 
 
 def test_restart_keeps_added_items_and_feedback(run_dir: Path) -> None:
     first = ServingState(run_dir)
     with TestClient(create_app(first)) as c:
-        r = c.post("/items", json={"items": [{"id": "a1", "features": {"image": _image_of(run_dir, 5)}},
-                                             {"id": "a2", "features": {"text": [0.5] * 48, "audio": [0.1] * 32}}]})
-        assert r.status_code == 200, r.text
+        for item in ({"id": "a1", "features": {"image": _image_of(run_dir, 5)}},  # two requests, one replay
+                     {"id": "a2", "features": {"text": [0.5] * 48, "audio": [0.1] * 32}}):
+            r = c.post("/items", json={"items": [item]})
+            assert r.status_code == 200, r.text
         c.post("/feedback", json={"interactions": [{"user": user_id(2), "item": "a1"},
                                                    {"user": "bob", "item": "a2"}]})
         before = {u: recs(c, u, N_ITEMS + 2) for u in (user_id(2), "bob")}
@@ -356,6 +365,38 @@ def _hammer(url: str, adders: int, items_per_adder: int, feeders: int) -> tuple[
     for t in readers:
         t.join()
     return failures, planned
+
+
+def test_waiting_additions_are_added_together_and_fail_alone(run_dir: Path) -> None:
+    from dgmrec.errors import InputError
+    from dgmrec.serving.state import ConflictError
+
+    state = ServingState(run_dir)
+    results: dict[str, object] = {}
+
+    def add(name: str, ident: str, width: int) -> None:
+        try:
+            results[name] = state.add_items([(ident, {"audio": [0.5] * width})])
+        except InputError as exc:
+            results[name] = exc
+
+    jobs = [("a", "x1", 32), ("b", "x2", 32), ("c", "x1", 32), ("d", "x3", 7)]
+    threads = [threading.Thread(target=add, args=job) for job in jobs]
+    with state._write_lock:  # an addition is running: the requests queue up
+        for t in threads:
+            t.start()
+        while len(state._pending) < len(jobs):
+            time.sleep(0.01)
+    for t in threads:
+        t.join()
+    assert [x.id for x in results["b"]] == ["x2"]  # type: ignore[union-attr]
+    assert isinstance(results["d"], InputError) and results["d"].source == "items[0].features.audio"
+    duplicate = [results["a"], results["c"]]
+    assert sum(isinstance(r, ConflictError) for r in duplicate) == 1
+    added = state.store.added_items(state.dims)
+    assert sorted(added.ids) == ["x1", "x2"] and len(set(added.batches.tolist())) == 1  # one model update
+    assert state.health()["added_items"] == 2 and {"x1", "x2"} <= set(state.similar(item_id(0), N_ITEMS + 1).items)
+    state.close()
 
 
 def test_concurrent_feedback_and_reads_lose_nothing(run_dir: Path) -> None:

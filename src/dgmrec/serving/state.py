@@ -205,6 +205,19 @@ class AddedItem:
     imputed: list[str]
 
 
+NewItemSpec = tuple[str | None, Mapping[str, Sequence[float] | None]]
+
+
+class _PendingAdd:
+    """An add request waiting for the write lock; whoever takes the lock adds every waiting request."""
+
+    def __init__(self, items: list[NewItemSpec]) -> None:
+        self.items = items
+        self.done = threading.Event()
+        self.result: list[AddedItem] | None = None
+        self.error: BaseException | None = None
+
+
 class _DotScorer:
     """The default scoring of :class:`~dgmrec.models.base.Recommender` on private copies of its tables."""
 
@@ -241,7 +254,10 @@ class ServingState:
         if self.ann_above < 0:
             raise InputError("must be at least 0", source="--ann-above")
         self.store = Store(store_path if store_path is not None else self.run_dir / STORE_NAME)
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one addition of items at a time (model updates)
+        self._swap_lock = threading.Lock()  # read-modify-write of the snapshot (feedback, the end of an addition)
+        self._pending_lock = threading.Lock()
+        self._pending: list[_PendingAdd] = []
         self.started = time.time()
         self._load()
 
@@ -531,9 +547,13 @@ class ServingState:
             out[m] = x
         return out
 
-    def check_new_items(self, items: Sequence[tuple[str | None, Mapping[str, Sequence[float] | None]]],
-                        start: int) -> tuple[list[str], dict[str, np.ndarray]]:
-        """Validate new items (id, modality -> vector or None) and return their ids and NaN-padded matrices."""
+    def check_new_items(self, items: Sequence[NewItemSpec], start: int,
+                        taken: set[str] | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
+        """Validate new items (id, modality -> vector or None) and return their ids and NaN-padded matrices.
+
+        ``start``: the index the first one would get; ``taken``: ids accepted but not yet added.
+        """
+        taken = taken or set()
         if not items:
             raise InputError("no items given", source="items")
         ids: list[str] = []
@@ -542,12 +562,12 @@ class ServingState:
             where = f"items[{k}]"
             if raw_id is None:
                 raw_id = str(start + k)
-                if raw_id in self.items or raw_id in ids:
+                if raw_id in self.items or raw_id in ids or raw_id in taken:
                     raise ConflictError(f"the default id {raw_id!r} is taken; give the item an id", source=where)
             else:
                 if not raw_id.strip() or len(raw_id) > MAX_ID_LENGTH:
                     raise InputError(f"an id is 1 to {MAX_ID_LENGTH} characters, not blank", source=f"{where}.id")
-                if raw_id in self.items or raw_id in ids:
+                if raw_id in self.items or raw_id in ids or raw_id in taken:
                     raise ConflictError(f"item id {raw_id!r} already exists", source=f"{where}.id")
             ids.append(raw_id)
             given = 0
@@ -572,50 +592,96 @@ class ServingState:
                 raise InputError("give at least one modality's features", source=f"{where}.features")
         return ids, feats
 
-    def add_items(self, items: Sequence[tuple[str | None, Mapping[str, Sequence[float] | None]]]) -> list[AddedItem]:
+    def add_items(self, items: Sequence[NewItemSpec]) -> list[AddedItem]:
         """Add items (raw id or None for the next index, modality -> vector or None): the model generates what
-        they lack, the store records them, and the next request can recommend them."""
+        they lack, the store records them, and the next request can recommend them.
+
+        Requests that arrive while another addition runs are added together in the next batch (one model update
+        for all of them); each request still succeeds or fails on its own.
+        """
+        request = _PendingAdd(list(items))
+        with self._pending_lock:
+            self._pending.append(request)
         with self._write_lock:
+            if not request.done.is_set():
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                self._add_batch(batch)
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def _add_batch(self, batch: list[_PendingAdd]) -> None:
+        """Add the items of several requests in one model update (under the write lock); every request gets its
+        result or its error and is marked done, whatever happens."""
+        try:
             snap = self.snapshot
             start = snap.n_items
-            ids, feats = self.check_new_items(items, start)
-            observed = np.stack([~np.isnan(feats[m]).all(axis=1) for m in self.modalities], axis=1)
+            accepted: list[tuple[_PendingAdd, list[str], dict[str, np.ndarray]]] = []
+            taken: set[str] = set()
+            for request in batch:
+                try:
+                    ids, feats = self.check_new_items(request.items, start + len(taken), taken)
+                except InputError as exc:
+                    request.error = exc
+                    continue
+                taken.update(ids)
+                accepted.append((request, ids, feats))
+            if not accepted:
+                return
+            ids = [i for _, req_ids, _ in accepted for i in req_ids]
+            feats = {m: np.concatenate([f[m] for _, _, f in accepted]) for m in self.modalities}
             try:
+                completed = self._apply_added(ids, feats)
+                all_completed = {m: np.concatenate([self._completed[m], completed[m]]) for m in self.modalities}
+                built = self._build(version=snap.version + 1, train=snap.train, seen=snap.seen, feedback={},
+                                    popularity=np.zeros(start + len(ids)), completed=all_completed,
+                                    added_generated={})
                 with self.store.transaction() as db:
-                    completed = self._apply_added(ids, feats)
                     self.store.insert_items(db, start, ids, feats, completed)
-                    all_completed = {m: np.concatenate([self._completed[m], completed[m]]) for m in self.modalities}
-                    generated = dict(snap.added_generated)
-                    for k in range(len(ids)):
-                        generated[start + k] = self._generated_names(observed[k])
-                    new = self._build(version=snap.version + 1, train=snap.train, seen=snap.seen,
-                                      feedback=snap.feedback,
-                                      popularity=np.concatenate([snap.popularity, np.zeros(len(ids))]),
-                                      completed=all_completed, added_generated=generated)
-            except UnavailableError:
-                raise
-            except BaseException:
-                self._recover()
-                raise
-            self.items.append(ids)
+            except BaseException as exc:
+                if not isinstance(exc, InputError) or self.lr.dataset.n_items != start:
+                    self._recover()  # the model may hold part of the batch: reload it as the store has it
+                for request, _, _ in accepted:
+                    request.error = exc
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            observed = np.stack([~np.isnan(feats[m]).all(axis=1) for m in self.modalities], axis=1)
+            generated = {start + k: self._generated_names(observed[k]) for k in range(len(ids))}
+            self._carry_indexes(snap, built)
             self._completed = all_completed
-            self._carry_indexes(snap, new)
-            self.snapshot = new
-        kind = "generated" if self.generates else "imputed"
-        out = []
-        for k, raw in enumerate(ids):
-            obs = [m for m, o in zip(self.modalities, observed[k], strict=True) if o]
-            missing = [m for m in self.modalities if m not in obs]
-            out.append(AddedItem(id=raw, observed=obs, generated=missing if kind == "generated" else [],
-                                 imputed=missing if kind == "imputed" else []))
-        return out
+            with self._swap_lock:  # feedback may have arrived meanwhile: keep it
+                current = self.snapshot
+                self.items.append(ids)
+                self.snapshot = replace(
+                    built, version=current.version + 1, n_all_users=current.n_all_users, feedback=current.feedback,
+                    popularity=np.concatenate([current.popularity, np.zeros(len(ids))]),
+                    added_generated={**current.added_generated, **generated})
+            kind = "generated" if self.generates else "imputed"
+            k = 0
+            for request, req_ids, _ in accepted:
+                out = []
+                for raw in req_ids:
+                    obs = [m for m, o in zip(self.modalities, observed[k], strict=True) if o]
+                    missing = [m for m in self.modalities if m not in obs]
+                    out.append(AddedItem(id=raw, observed=obs, generated=missing if kind == "generated" else [],
+                                         imputed=missing if kind == "imputed" else []))
+                    k += 1
+                request.result = out
+        finally:
+            for request in batch:
+                if request.result is None and request.error is None:
+                    request.error = InputError("the addition was interrupted", source="items")
+                request.done.set()
 
     def add_feedback(self, interactions: Sequence[tuple[str, str, float | None]]) -> tuple[int, list[str]]:
         """Record interactions ``(user, item, timestamp or None)`` (raw ids; unknown users become new users);
         returns the number stored and the new users' ids."""
         if not interactions:
             raise InputError("no interactions given", source="interactions")
-        with self._write_lock:
+        with self._swap_lock:
             snap = self.snapshot
             new_users: list[str] = []
             rows: list[tuple[str, str, float]] = []
@@ -649,10 +715,12 @@ class ServingState:
         return len(rows), new_users
 
     def _recover(self) -> None:
-        """Reload the run and the store after a write failed half-way (the model may hold part of it)."""
-        self.store.close()
-        self.store = Store(self.store.path)
-        self._load()
+        """Reload the run and the store after a write failed half-way (the model may hold part of it); reads go
+        on from the current snapshot meanwhile."""
+        with self._swap_lock:
+            self.store.close()
+            self.store = Store(self.store.path)
+            self._load()
 
     def close(self) -> None:
         self.store.close()
