@@ -367,25 +367,3 @@ def test_infer_adj_update_refreshes_the_inference_graph_for_new_items(small3_new
     for j, (old, now) in enumerate(zip(initial, model.infer_graphs, strict=True)):
         rows = graph_rows_changed(old, now)
         np.testing.assert_array_equal(rows, np.flatnonzero(missing_new[:, j]) if update else [])
-
-
-def test_zero_new_item_cf_removes_the_untrained_cf_part_of_new_items(small3_new):
-    ref, zero = build(small3_new), build(small3_new, zero_new_item_cf=True)
-    with torch.no_grad():
-        _, item_ref = ref.final_embeddings()
-        _, item_zero = zero.final_embeddings()
-        i_cf = ref.forward_all(ref._scoring_graphs())["i_cf"]
-    new = torch.as_tensor(small3_new.new_items)
-    torch.testing.assert_close(item_zero[~new], item_ref[~new])
-    torch.testing.assert_close(item_zero[new], item_ref[new] - i_cf[new])
-    assert float(i_cf[new].abs().max()) > 0
-
-
-def test_generation_warmup_skips_generation_before_its_epoch(small2):
-    model = build(small2, generation_warmup=2)
-    start = tables(model)
-    model.before_epoch(0)
-    model.before_epoch(1)
-    assert all(torch.equal(a, b) for a, b in zip(start, tables(model), strict=True))
-    model.before_epoch(2)
-    assert all(len(r) for r in changed_rows(start, tables(model)))

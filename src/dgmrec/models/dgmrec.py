@@ -12,12 +12,12 @@ written back into the feature table; the kNN graphs of items with a missing moda
 
 Losses: BPR + norms + reconstruction + CLUB (disentangling) + inter-modal InfoNCE + user-item alignment +
 behaviour-modality alignment + generation. The defaults reproduce the reference release; each documented
-deviation is an option (see ``configs/models/DGMRec.yaml``):
+deviation is an option (see ``configs/models/DGMRec.yaml``; presets name sets of them, docs/dgmrec.md):
 
 ``trainable_raw_features``, ``preference_mode``, ``infer_graph``, ``write_policy``, ``refresh_rows``,
 ``missing_source_policy``, ``club_modalities``, ``inter_user_pairs``, ``intra_specific``,
-``recon_observed_only``, ``generation_warmup``, ``zero_new_item_cf``, ``new_item_generation``,
-``nce_duplicates``, ``generation_space``, ``recon_target``, ``decoder_fit``.
+``recon_observed_only``, ``new_item_generation``, ``nce_duplicates``, ``generation_space``, ``recon_target``,
+``decoder_fit``.
 
 Generation spaces. The reference trains the translator on filtered, propagated general features and the
 specific generator on raw specific features, decodes filtered, propagated features, but generates from raw
@@ -134,8 +134,6 @@ class DGMRec(Recommender):
         self.opts = {k: str(c[k]) for k in _CHOICES}
         self.trainable_raw = bool(c["trainable_raw_features"])
         self.recon_observed_only = bool(c["recon_observed_only"])
-        self.generation_warmup = int(c["generation_warmup"])
-        self.zero_new_item_cf = bool(c["zero_new_item_cf"])
         self.infer_adj_update = bool(int(c["infer_adj_update"]))
 
         # ------------------------------------------------------------- masks and item sets
@@ -423,7 +421,7 @@ class DGMRec(Recommender):
         if self.club_mods:
             info["club_nll"] = self._train_club()
         self.counter += 1
-        if self.missing_setting and epoch >= self.generation_warmup:
+        if self.missing_setting:
             generated = self._generate(self.train_graphs, noise=True)
             self._write(generated, self.write_rows)
             if self.refresh_blend > 0 and self.counter % self.refresh_interval == 0:
@@ -544,11 +542,7 @@ class DGMRec(Recommender):
     # ------------------------------------------------------------------------------------ scoring
     def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.forward_all(self._scoring_graphs())
-        item = f["item"]
-        if self.zero_new_item_cf and self.new_item_setting:
-            new = torch.as_tensor(self.new_items_np, device=item.device)
-            item = torch.where(new[:, None], item - f["i_cf"], item)
-        return f["user"], item
+        return f["user"], f["item"]
 
     # --------------------------------------------------------------------------------- generation API
     def generate_for_retrieval(self) -> dict[str, torch.Tensor]:
