@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from dgmrec.ops import fused
+from dgmrec.training.sampler import NegativeSampler
+from model_checks import make_model
 
 
 def _grads(value: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -136,3 +138,22 @@ def test_fusion_only_for_the_registered_table():
         assert fused._hand_off(other) is None
         assert fused._hand_off(table[1:]) is None  # a slice is another tensor: not the whole table
     assert fused._hand_off(table) is None
+
+
+def test_dgmrec_training_step_fuses_its_table_gradients(small2):
+    """DGMRec's loss() is its objective() with each table's two gradients fused into the persistent buffer."""
+    model = make_model("DGMRec", small2)
+    assert model.fuse_table_grads
+    batch = next(iter(NegativeSampler(small2.train, small2.n_items, seed=0).epoch(256, True)))
+    grads = {}
+    for step in ("objective", "loss"):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same noise in both
+        out = getattr(model, step)(batch)
+        out.total.backward()
+        grads[step] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads["loss"]) == set(grads["objective"])
+    for name, g in grads["loss"].items():
+        torch.testing.assert_close(g, grads["objective"][name], rtol=1e-5, atol=1e-7)
+    buffers = model._table_grad_buffers
+    assert all(x.grad.data_ptr() == b.data_ptr() for x, b in zip(model.features, buffers, strict=True))
