@@ -1,4 +1,4 @@
-"""Shared losses against direct formulas (values and gradients)."""
+"""Shared losses against direct formulas (values and gradients); the fused kernels are in test_fused.py."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgmrec.losses import TableGradient, _CosineNCE, _LinearMSE, info_nce, linear_mse, perturb, table_linear
+from dgmrec.losses import info_nce, linear_mse, perturb
+from dgmrec.ops import fused
 
 
 def reference_nce(a, b, tau, ids=None):
@@ -20,7 +21,7 @@ def reference_nce(a, b, tau, ids=None):
 
 
 def test_info_nce_matches_formula_and_gradients(monkeypatch):
-    monkeypatch.setattr(_CosineNCE, "block", 3)  # several blocks
+    monkeypatch.setattr(fused._CosineNCE, "block", 3)  # several blocks
     torch.manual_seed(0)
     a = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
@@ -35,8 +36,8 @@ def test_info_nce_matches_formula_and_gradients(monkeypatch):
     assert torch.autograd.gradcheck(lambda x, y: info_nce(x, y, 0.5, ids), (a, b))
 
 
-def test_linear_mse_matches_autograd(monkeypatch):
-    monkeypatch.setattr(_LinearMSE, "block", 4)
+def test_linear_mse_is_the_decoder_mse(monkeypatch):
+    monkeypatch.setattr(fused._LinearMSE, "block", 4)
     torch.manual_seed(1)
     layer = nn.Linear(3, 7).double()
     x = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
@@ -47,41 +48,6 @@ def test_linear_mse_matches_autograd(monkeypatch):
     params = (x, y, layer.weight, layer.bias)
     for g1, g2 in zip(torch.autograd.grad(2 * got, params), torch.autograd.grad(2 * want, params), strict=True):
         assert torch.allclose(g1, g2)
-
-
-def test_fused_table_gradient_equals_the_sum_of_both_parts():
-    """Encoder and reconstruction gradients of one trainable table, fused in place, in either backward order."""
-    torch.manual_seed(2)
-    table = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
-    w, b = torch.randn(4, 6, dtype=torch.float64, requires_grad=True), torch.randn(4, dtype=torch.float64)
-    dec = nn.Linear(5, 6).double()
-    z = torch.randn(9, 5, dtype=torch.float64)
-
-    def encoder_term(hand_off):
-        return torch.sigmoid(table_linear(table, w, b, hand_off)).square().sum()
-
-    plain = torch.autograd.grad(encoder_term(None) + 0.3 * F.mse_loss(dec(z), table), (table, w))
-    for recon_first in (False, True):
-        hand_off = TableGradient()
-        if recon_first:  # recon node created first: autograd reaches the encoder node before it
-            total = 0.3 * linear_mse(z, dec, table, hand_off) + encoder_term(hand_off)
-        else:
-            total = encoder_term(hand_off) + 0.3 * linear_mse(z, dec, table, hand_off)
-        fused = torch.autograd.grad(total, (table, w))
-        assert all(torch.allclose(x, y) for x, y in zip(fused, plain, strict=True))
-        assert hand_off.pending is None
-    # with a persistent buffer the finished gradient is installed as table.grad, step after step
-    buffer = torch.empty_like(table)
-    for recon_first in (False, True, False):
-        table.grad = None
-        hand_off = TableGradient(table, buffer)
-        if recon_first:
-            total = 0.3 * linear_mse(z, dec, table, hand_off) + encoder_term(hand_off)
-        else:
-            total = encoder_term(hand_off) + 0.3 * linear_mse(z, dec, table, hand_off)
-        total.backward()
-        assert torch.allclose(table.grad, plain[0])
-        assert (table.grad.data_ptr() == buffer.data_ptr()) == (not recon_first)
 
 
 def test_perturb_pushes_away_from_zero_by_at_most_scale():

@@ -8,15 +8,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from dgmrec.graphs import (
-    EdgeGraph,
-    edge_sym_row_normalize,
-    edge_weighted_sum,
-    knn_edges_with_grad,
-    segment_softmax,
-    sym_row_normalize,
-)
-from dgmrec.models.grcn import attention_pass
+from dgmrec.graphs import sym_row_normalize
+from dgmrec.models.grcn import EdgeGraph, attention_pass, segment_softmax
+from dgmrec.models.lattice import edge_sym_row_normalize, edge_weighted_sum, knn_edges_with_grad
 from dgmrec.training.sampler import NegativeSampler
 from model_checks import (
     check_beats_popularity,
@@ -86,7 +80,7 @@ def test_prepare_eval_is_deterministic(small3):
         assert torch.equal(a, model.score_users(users)), name
 
 
-# --------------------------------------------------------------------------------------- shared pieces
+# ------------------------------------------------------------- edge-list pieces of GRCN and LATTICE
 
 
 def test_segment_softmax_hand_computed():

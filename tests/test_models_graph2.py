@@ -8,8 +8,9 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from dgmrec.graphs import cooccurrence_edges, denoised_knn_edges, normalized_adjacency
+from dgmrec.graphs import normalized_adjacency
 from dgmrec.losses import gumbel_softmax, moment_alignment, sym_bernoulli_kl, triple_info_nce, weighted_bpr_loss
+from dgmrec.models.damrs import cooccurrence_edges, denoised_knn_edges
 from dgmrec.models.gume import enhanced_adjacency, shared_neighbour_edges
 from model_checks import (
     check_beats_popularity,

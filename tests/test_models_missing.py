@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dgmrec.graphs import bipartite_adjacency, sinkhorn_transport
+from dgmrec.graphs import bipartite_adjacency
 from dgmrec.models.base import Batch
-from dgmrec.models.ci2mg import prototype_hypergraph_conv
+from dgmrec.models.ci2mg import prototype_hypergraph_conv, sinkhorn_transport
 from dgmrec.models.milk import environment_weights
 from dgmrec.models.sibrar import draw_modality_pairs
 from model_checks import (

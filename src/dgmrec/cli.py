@@ -187,8 +187,8 @@ def demo(
                   f"{st['items_by_missing_count']}")
     rows: dict[str, dict[str, float]] = {}
     extra: dict[str, Any] = {}
-    # DGMRec with the generation options whose generated rows live in the original feature space
-    generation = {"generation_space": "raw", "recon_target": "original", "decoder_fit": "least_squares_generated"}
+    # DGMRec with the recommended preset: generated rows that live in the original feature space
+    generation = {"preset": "recommended"}
     for name in ("DGMRec", "LightGCN", "MFBPR"):
         extra_options = generation if name == "DGMRec" else {}
         res = api.train(name, ds, out=out / name, overrides={"epochs": epochs, "eval_step": 5, **extra_options},

@@ -2,11 +2,13 @@
 
 Layers, later ones winning: ``overall.yaml`` < ``datasets/<dataset>.yaml`` < ``models/<Model>.yaml`` <
 ``best/<Model>_<dataset>.yaml`` (the shipped best configuration, selected by the dataset name) < a user file <
-``--set key=value``. Every key must be declared by ``overall.yaml`` or the model's YAML; an unknown key is an
-error (never a silent ``None``), a value must have the type of its default (a list: each element the type of
-the default's elements), a number must lie in the range :data:`RANGES` declares for its key, and
-``valid_metric`` must be one of the reported metrics. Values given on the command line are parsed as YAML
-literals, never evaluated.
+``--set key=value``. A model YAML may define ``presets`` (name -> option values), chosen by its key ``preset``
+in any layer: the chosen preset's values form a layer right after the shipped ones, so they beat the model
+defaults and best configurations while a user file and ``--set`` beat them. Every key must be declared by
+``overall.yaml`` or the model's YAML; an unknown key is an error (never a silent ``None``), a value must have the
+type of its default (a list: each element the type of the default's elements), a number must lie in the range
+:data:`RANGES` declares for its key, and ``valid_metric`` must be one of the reported metrics. Values given on the
+command line are parsed as YAML literals, never evaluated.
 """
 
 from __future__ import annotations
@@ -235,6 +237,7 @@ def resolve_config(
     """Resolve the configuration of ``model`` on ``dataset``; returns ``(config, layers used)``."""
     overall = shipped("overall", "")
     model_defaults = shipped("models", model)
+    presets = model_defaults.pop("presets", None) or {}
     allowed: dict[str, Any] = {**overall, **model_defaults}
     layers: list[tuple[str, dict[str, Any]]] = [("overall", overall)]
     ds_layer = shipped("datasets", dataset)
@@ -245,10 +248,17 @@ def resolve_config(
         best = shipped("best", f"{model}_{dataset}")
         if best:
             layers.append((f"best/{model}_{dataset}", best))
+    user: list[tuple[str, dict[str, Any]]] = []
     if file is not None:
-        layers.append((str(file), _read_yaml(Path(file))))
+        user.append((str(file), _read_yaml(Path(file))))
     if overrides:
-        layers.append(("--set", dict(overrides)))
+        user.append(("--set", dict(overrides)))
+    chosen = next((layer["preset"] for _, layer in reversed(layers + user) if "preset" in layer), None)
+    if presets and chosen is not None:
+        if not isinstance(chosen, str) or chosen not in presets:
+            raise ConfigError(f"key 'preset' must be one of {', '.join(presets)}, got {chosen!r}", source="preset")
+        layers.append((f"models/{model} presets.{chosen}", dict(presets[chosen] or {})))
+    layers += user
     config: dict[str, Any] = {}
     origin: dict[str, str] = {}
     used = []

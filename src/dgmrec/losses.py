@@ -1,10 +1,16 @@
-"""Loss functions shared by the models (BPR, InfoNCE, norms, CLUB) — written once, tested once."""
+"""Loss functions shared by the models (BPR, InfoNCE, norms, CLUB) — written once, tested once.
+
+Where a loss has a fused kernel (InfoNCE, the linear decoder's MSE), the function here states the maths and
+calls the kernel in :mod:`dgmrec.ops.fused`.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dgmrec.ops import fused
 
 
 def bpr_loss(pos: torch.Tensor, neg: torch.Tensor, eps: float | None = None) -> torch.Tensor:
@@ -26,6 +32,14 @@ def sq_reg(*tensors: torch.Tensor, batch_size: int) -> torch.Tensor:
     return 0.5 * sum(t.pow(2).sum() for t in tensors) / batch_size
 
 
+def linear_mse(x: torch.Tensor, layer: nn.Linear, target: torch.Tensor) -> torch.Tensor:
+    """``F.mse_loss(layer(x), target)``: the mean squared error of a linear decoder.
+
+    Computed block-wise without the decoded matrix (:func:`dgmrec.ops.fused.linear_mse`).
+    """
+    return fused.linear_mse(x, layer.weight, layer.bias, target)
+
+
 @torch.no_grad()
 def ridge_fit(z: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge regression ``y ~ z W + b`` in float64, the penalty relative to the mean input variance.
@@ -41,53 +55,6 @@ def ridge_fit(z: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Ten
     return w.to(z.dtype), (y_mean - z_mean @ w).to(z.dtype)
 
 
-class _CosineNCE(torch.autograd.Function):
-    """InfoNCE on already L2-normalised rows, with its gradient computed during the forward pass.
-
-    The loss is a mean, so its gradient is a fixed ``(n, d)`` pair times the incoming scalar. Rows are processed
-    in blocks that stay in cache: ``exp((a_blk . b - 1) / tau)`` (cosines are at most 1, so no max pass is
-    needed), its row sums, and the block's share of both gradients. The ``n x n`` matrix is never stored.
-    """
-
-    block = 128
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, inv_tau: float,  # type: ignore[override]
-                ids_a: torch.Tensor | None = None, ids_b: torch.Tensor | None = None) -> torch.Tensor:
-        n = a.shape[0]
-        shift = torch.full((1,), -inv_tau, dtype=a.dtype, device=a.device)
-        grad_a = torch.empty_like(a)
-        grad_b = torch.zeros_like(b)
-        log_denom = torch.empty(n, dtype=a.dtype, device=a.device)
-        for s in range(0, n, _CosineNCE.block):
-            a_blk = a[s:s + _CosineNCE.block]
-            expo = torch.addmm(shift, a_blk, b.T, alpha=inv_tau).exp_()
-            if ids_a is not None and ids_b is not None:
-                # another row with the same id on either side is a false negative: leave it out
-                same = (ids_a[s:s + _CosineNCE.block, None] == ids_a[None, :]) | (
-                    ids_b[s:s + _CosineNCE.block, None] == ids_b[None, :])
-                rows = torch.arange(same.shape[0], device=same.device)
-                same[rows, rows + s] = False
-                expo.masked_fill_(same, 0.0)
-            denom = expo.sum(dim=1, keepdim=True)
-            log_denom[s:s + _CosineNCE.block] = denom.squeeze(1).log()
-            expo.div_(denom)  # softmax rows P
-            grad_a[s:s + _CosineNCE.block] = expo @ b
-            grad_b.addmm_(expo.T, a_blk)
-        positive = (a * b).sum(dim=1) * inv_tau
-        loss = (inv_tau + log_denom - positive).mean()
-        # d/da of mean(lse - positive) = (P - I) b * inv_tau / n, d/db = (P - I)^T a * inv_tau / n
-        grad_a.sub_(b).mul_(inv_tau / n)
-        grad_b.sub_(a).mul_(inv_tau / n)
-        ctx.save_for_backward(grad_a, grad_b)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        grad_a, grad_b = ctx.saved_tensors
-        return grad_a * grad, grad_b * grad, None, None, None
-
-
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float,
              ids: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One-directional InfoNCE with in-batch negatives: rows of ``a`` vs all rows of ``b`` (cosine / tau).
@@ -97,7 +64,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float,
     an id with row ``i`` on either side is left out of the denominator.
     """
     ids_a, ids_b = ids if ids is not None else (None, None)
-    return _CosineNCE.apply(F.normalize(a, dim=1), F.normalize(b, dim=1), 1.0 / temperature, ids_a, ids_b)
+    return fused.cosine_nce(F.normalize(a, dim=1), F.normalize(b, dim=1), 1.0 / temperature, ids_a, ids_b)
 
 
 def perturb(x: torch.Tensor, scale: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -167,45 +134,6 @@ def negative_cosine(online: torch.Tensor, target: torch.Tensor, rows: torch.Tens
 # ----------------------------------------------------------- LGMRec, DA-MRS and GUME pieces
 
 
-class _TripleNCE(torch.autograd.Function):
-    """Sum-reduced InfoNCE of L2-normalised rows against an explicit negative set.
-
-    Like :class:`_CosineNCE`, rows are processed in cache-sized blocks and the gradient (a fixed set of
-    tensors times the incoming scalar) is computed during the forward pass; the ``rows x negatives`` matrix is
-    never stored.
-    """
-
-    block = 128
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, negatives: torch.Tensor,  # type: ignore[override]
-                inv_tau: float) -> torch.Tensor:
-        shift = torch.full((1,), -inv_tau, dtype=a.dtype, device=a.device)
-        grad_a = torch.empty_like(a)
-        grad_n = torch.zeros_like(negatives)
-        log_denom = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
-        for s in range(0, a.shape[0], _TripleNCE.block):
-            a_blk = a[s:s + _TripleNCE.block]
-            expo = torch.addmm(shift, a_blk, negatives.T, alpha=inv_tau).exp_()  # exp((a.n - 1) / tau) <= 1
-            denom = expo.sum(dim=1, keepdim=True)
-            log_denom[s:s + _TripleNCE.block] = denom.squeeze(1).log()
-            expo.div_(denom)
-            grad_a[s:s + _TripleNCE.block] = expo @ negatives
-            grad_n.addmm_(expo.T, a_blk)
-        loss = (inv_tau + log_denom - (a * b).sum(dim=1) * inv_tau).sum()
-        # d/da = (P n - b) / tau, d/db = -a / tau, d/dn = P^T a / tau (sum over rows, no 1/n)
-        grad_a.sub_(b).mul_(inv_tau)
-        grad_n.mul_(inv_tau)
-        ctx.save_for_backward(grad_a, a, grad_n)
-        ctx.inv_tau = inv_tau
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        grad_a, a, grad_n = ctx.saved_tensors
-        return grad_a * grad, a * (-ctx.inv_tau * grad), grad_n * grad, None
-
-
 def triple_info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
                     temperature: float) -> torch.Tensor:
     """``sum_i -log( exp(cos(a_i, p_i)/tau) / sum_n exp(cos(a_i, n)/tau) )`` over an explicit negative set.
@@ -213,8 +141,8 @@ def triple_info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: tor
     LGMRec's hypergraph contrast: **summed** (not averaged) over the rows, and the negatives are the rows of
     ``negatives`` (normally a table that also contains each positive), not the other rows of ``positive``.
     """
-    return _TripleNCE.apply(F.normalize(anchor, dim=1), F.normalize(positive, dim=1),
-                            F.normalize(negatives, dim=1), 1.0 / temperature)
+    return fused.triple_nce(F.normalize(anchor, dim=1), F.normalize(positive, dim=1), F.normalize(negatives, dim=1),
+                            1.0 / temperature)
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None,
@@ -253,156 +181,3 @@ def weighted_bpr_loss(pos: torch.Tensor, neg: torch.Tensor, pos_weight: torch.Te
 def moment_alignment(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``|var(a) - var(b)| + |mean(a) - mean(b)|`` over all entries (unbiased variance; GUME's view alignment)."""
     return (a.var() - b.var()).abs() + (a.mean() - b.mean()).abs()
-
-
-class TableGradient:
-    """Hand-off of one step's reconstruction gradient to the encoder reading the same feature table.
-
-    A trainable feature table ``X`` gets gradient from two places: the encoder ``X W^T + b`` (``dY W``) and a
-    reconstruction loss whose target is ``X`` itself. Added by autograd, each is a fresh ``n x d`` tensor and
-    their sum a third; with wide features (4,096-d) these passes dominate a training step. When both nodes share
-    a ``TableGradient``, the reconstruction node leaves its unscaled gradient here and the encoder node adds
-    ``dY W`` into that buffer in place, scaling it inside the same GEMM (no further ``n x d`` tensors).
-
-    With ``table`` and a persistent ``buffer`` (same shape), the reconstruction writes into ``buffer`` and the
-    encoder installs the finished sum as ``table.grad`` itself (adding to a gradient another node already
-    left there), so no ``n x d`` memory is allocated per step. The buffer is only used while ``table.grad`` is
-    unset (optimisers that zero gradients to ``None``); otherwise, and if autograd happens to run the encoder
-    first, both nodes return their gradients as usual. The result is the same in every case.
-    """
-
-    def __init__(self, table: torch.Tensor | None = None, buffer: torch.Tensor | None = None) -> None:
-        self.table = table
-        self.buffer = buffer
-        self.pending: torch.Tensor | None = None  # the unscaled reconstruction gradient ...
-        self.scale = 1.0  # ... and its factor
-        self.encoder_done = False
-
-    def target_buffer(self, like: torch.Tensor) -> torch.Tensor:
-        """Where the reconstruction writes its gradient: the persistent buffer when it may, else new memory."""
-        b, t = self.buffer, self.table
-        if b is not None and t is not None and t.grad is None and b.shape == like.shape and b.dtype == like.dtype:
-            return b
-        return torch.empty_like(like)
-
-    def install(self, grad: torch.Tensor) -> bool:
-        """Make ``grad`` (the persistent buffer) the table's gradient; False when autograd should take it."""
-        t = self.table
-        if t is None or self.buffer is None or grad.data_ptr() != self.buffer.data_ptr():
-            return False
-        if t.grad is None:
-            t.grad = grad
-        else:
-            t.grad.add_(grad)
-        return True
-
-
-class _TableLinear(torch.autograd.Function):
-    """``x W^T + b`` whose input gradient absorbs a pending reconstruction gradient (see :class:`TableGradient`)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,  # type: ignore[override]
-                hand_off: TableGradient) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.hand_off = hand_off
-        return torch.addmm(bias, x, weight.T)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        hand_off: TableGradient = ctx.hand_off
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            if hand_off.pending is not None:
-                grad_x = hand_off.pending.addmm_(grad, weight, beta=hand_off.scale)
-                hand_off.pending = None
-                if hand_off.install(grad_x):
-                    grad_x = None
-            else:
-                grad_x = grad @ weight
-        hand_off.encoder_done = True
-        grad_w = grad.T @ x if ctx.needs_input_grad[1] else None
-        grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
-
-
-def table_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 hand_off: TableGradient | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; with ``hand_off`` its gradient for ``x`` is fused with a reconstruction's."""
-    if hand_off is None:
-        return F.linear(x, weight, bias)
-    return _TableLinear.apply(x, weight, bias, hand_off)
-
-
-class _LinearMSE(torch.autograd.Function):
-    """``mean((x W^T + b - y)^2)`` computed in row blocks, producing every gradient during the forward pass.
-
-    With wide targets (e.g. 4,096-d image features) the decoded matrix, the difference and their gradients are
-    never materialised as whole ``n x d`` tensors; only the gradient with respect to ``y`` (and ``x``) is.
-    """
-
-    block = 512
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,  # type: ignore[override]
-                y: torch.Tensor, hand_off: TableGradient | None = None) -> torch.Tensor:
-        ctx.hand_off = hand_off
-        n, d_out = y.shape
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        block = _LinearMSE.block
-        # the bias rides along as an extra input column of ones: one GEMM gives (x W^T + b - y) per block and
-        # one GEMM the gradient of weight and bias together
-        x_aug = torch.cat([x, x.new_ones(n, 1)], dim=1)
-        w_aug = torch.cat([weight, bias[:, None]], dim=1)
-        grad_wb = torch.zeros_like(w_aug)
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_y = None
-        if need_y:  # written block by block below
-            grad_y = hand_off.target_buffer(y) if hand_off is not None else torch.empty_like(y)
-        scratch = None if grad_y is not None else y.new_empty(min(block, n), d_out)
-        total = torch.zeros((), dtype=torch.float64, device=y.device)
-        for s in range(0, n, block):
-            e = min(n, s + block)
-            xb = x_aug[s:e]
-            diff = grad_y[s:e] if grad_y is not None else scratch[: e - s]  # type: ignore[index]
-            torch.addmm(y[s:e], xb, w_aug.T, beta=-1, out=diff)  # written once, in place
-            flat = diff.view(-1)
-            total += torch.dot(flat, flat).double()
-            grad_wb.addmm_(diff.T, xb)
-            if grad_x is not None:
-                torch.mm(diff, weight, out=grad_x[s:e])
-        grad_w, grad_b = grad_wb[:, :-1].contiguous(), grad_wb[:, -1].contiguous()
-        scale = 2.0 / (n * d_out)
-        ctx.save_for_backward(grad_w, grad_b, *(g for g in (grad_x, grad_y) if g is not None))
-        ctx.has = (grad_x is not None, grad_y is not None)
-        ctx.scale = scale
-        return (total / (n * d_out)).to(y.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        saved = list(ctx.saved_tensors)
-        grad_w, grad_b = saved[0], saved[1]
-        rest = saved[2:]
-        g = grad * ctx.scale
-        # the saved gradients belong to this node alone: scale them in place (no new n x d tensors)
-        grad_x = rest.pop(0).mul_(g) if ctx.has[0] else None
-        grad_y = None
-        if ctx.has[1]:
-            diff = rest.pop(0)
-            hand_off: TableGradient | None = ctx.hand_off
-            if hand_off is not None and not hand_off.encoder_done:
-                # the encoder node scales it inside its GEMM and returns the sum
-                hand_off.pending, hand_off.scale = diff, -float(g)
-            else:
-                grad_y = diff.mul_(-g)
-        return grad_x, grad_w * g, grad_b * g, grad_y, None
-
-
-def linear_mse(x: torch.Tensor, layer: nn.Linear, target: torch.Tensor,
-               hand_off: TableGradient | None = None) -> torch.Tensor:
-    """``F.mse_loss(layer(x), target)`` without materialising the decoded matrix (see :class:`_LinearMSE`).
-
-    ``hand_off`` (only when ``target`` is a whole table that an encoder also reads through :func:`table_linear`
-    with the same object) fuses the two gradients of the table.
-    """
-    return _LinearMSE.apply(x, layer.weight, layer.bias, target, hand_off)

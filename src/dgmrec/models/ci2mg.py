@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgmrec.errors import ConfigError
-from dgmrec.graphs import SparseOp, lightgcn_propagate, mean_aggregator, normalized_adjacency, sinkhorn_transport
+from dgmrec.graphs import SparseOp, lightgcn_propagate, mean_aggregator, normalized_adjacency
 from dgmrec.losses import bpr_loss, info_nce
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
@@ -45,6 +45,147 @@ def prototype_hypergraph_conv(y: torch.Tensor, incidence: torch.Tensor, mixing: 
     return (incidence @ (mixing @ edge)) / row.unsqueeze(1)
 
 
+# ------------------------------------------------------------------ chunked Sinkhorn transport (inter-modality)
+
+
+class _GaussianKernel:
+    """Row blocks of ``K_ij = exp(-||x_i - y_j||^2 / epsilon)``: one GEMM into a reused buffer, one exp.
+
+    The exponent ``(2 x.y - |x|^2 - |y|^2) / epsilon`` is a single product of augmented rows
+    ``[x, -|x|^2/eps, 1]`` and ``[2y/eps, 1, -|y|^2/eps]``. A block is only valid until the next call.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, epsilon: float, chunk_size: int) -> None:
+        ones_x = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+        ones_y = torch.ones(y.shape[0], 1, dtype=y.dtype, device=y.device)
+        self.x = torch.cat([x, (x * x).sum(1, keepdim=True) / -epsilon, ones_x], dim=1)
+        self.y_t = torch.cat([y * (2.0 / epsilon), ones_y, (y * y).sum(1, keepdim=True) / -epsilon], dim=1).T
+        self.y_t = self.y_t.contiguous()
+        self.n, self.m, self.chunk_size = x.shape[0], y.shape[0], chunk_size
+        self.buffer = torch.empty(min(chunk_size, self.n) * self.m, dtype=x.dtype, device=x.device)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(s, min(self.n, s + self.chunk_size)) for s in range(0, self.n, self.chunk_size)]
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        k = self.buffer[: (stop - start) * self.m].view(stop - start, self.m)
+        torch.mm(self.x[start:stop], self.y_t, out=k)
+        return k.exp_()
+
+
+def _sinkhorn_scalings(kernel: _GaussianKernel, n: int, m: int, n_iter: int, transposed: bool,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Scalings ``u, v`` of ``Sinkhorn(K)`` and ``u'`` of ``Sinkhorn(K^T)`` (see :func:`sinkhorn_transport`).
+
+    One pass over the row blocks of ``K`` per iteration serves both problems: ``K v`` and ``K u'`` are local to
+    a block, ``K^T u`` and ``K^T v'`` accumulate over blocks. ``v'`` of the last iteration is left to the caller.
+    """
+    x = kernel.x
+    u = torch.empty(n, dtype=x.dtype, device=x.device)
+    v = torch.ones(m, dtype=x.dtype, device=x.device)
+    u_t = torch.ones(m, dtype=x.dtype, device=x.device)  # only read from the second iteration on
+    for it in range(n_iter):
+        acc = torch.zeros(2 if transposed else 1, m, dtype=x.dtype, device=x.device)
+        right = torch.stack([v, u_t], dim=1) if transposed else v.unsqueeze(1)
+        for start, stop in kernel.ranges():
+            k = kernel.block(start, stop)
+            kv = k @ right  # K v (and K u')
+            u[start:stop] = 1.0 / (n * kv[:, 0])  # rows of Sinkhorn(K) sum to 1/n
+            left = u[start:stop].unsqueeze(0)
+            if transposed:
+                # v' of the previous iteration (all ones before the first one)
+                v_t = 1.0 / (n * kv[:, 1]) if it > 0 else torch.ones_like(kv[:, 1])
+                left = torch.stack([u[start:stop], v_t])
+            acc.addmm_(left, k)
+        v = 1.0 / (m * acc[0])  # columns of Sinkhorn(K) sum to 1/m
+        if transposed:
+            u_t = 1.0 / (m * acc[1])  # rows of Sinkhorn(K^T) sum to 1/m
+    return u, v, (u_t if transposed else None)
+
+
+class _TransportApply(torch.autograd.Function):
+    """``Gamma @ values`` (and ``Gamma' @ values_t``) with the plans held fixed; block-wise in both directions."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, values: torch.Tensor,  # type: ignore[override]
+                values_t: torch.Tensor | None, u: torch.Tensor, v: torch.Tensor, u_t: torch.Tensor | None,
+                epsilon: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        n, m = x.shape[0], y.shape[0]
+        kernel = _GaussianKernel(x, y, epsilon, chunk_size)
+        out = torch.empty(n, values.shape[1], dtype=values.dtype, device=values.device)
+        scaled = v.unsqueeze(1) * values
+        out_t = v_t = None
+        if values_t is not None and u_t is not None:
+            out_t = torch.zeros(m, values_t.shape[1], dtype=values_t.dtype, device=values_t.device)
+            v_t = torch.empty(n, dtype=x.dtype, device=x.device)
+            scaled = torch.cat([scaled, u_t.unsqueeze(1)], dim=1)
+        for start, stop in kernel.ranges():
+            k = kernel.block(start, stop)
+            if out_t is not None and v_t is not None and values_t is not None and u_t is not None:
+                both = k @ scaled
+                out[start:stop] = (n * u[start:stop]).unsqueeze(1) * both[:, :-1]
+                v_t[start:stop] = 1.0 / (n * both[:, -1])  # v' of the last iteration
+                out_t.addmm_(k.T, v_t[start:stop].unsqueeze(1) * values_t[start:stop])
+            else:
+                out[start:stop] = (n * u[start:stop]).unsqueeze(1) * (k @ scaled)
+        if out_t is not None and u_t is not None:
+            out_t *= (m * u_t).unsqueeze(1)
+        ctx.save_for_backward(x, y, u, v, u_t, v_t)
+        ctx.epsilon, ctx.chunk_size = epsilon, chunk_size
+        return out, out_t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None, grad_t: torch.Tensor | None):  # type: ignore[override]
+        x, y, u, v, u_t, v_t = ctx.saved_tensors
+        n, m = x.shape[0], y.shape[0]
+        g_values = g_values_t = scaled_t = None
+        if ctx.needs_input_grad[2] and grad is not None:
+            g_values = torch.zeros(m, grad.shape[1], dtype=x.dtype, device=x.device)
+        if ctx.needs_input_grad[3] and grad_t is not None and v_t is not None and u_t is not None:
+            g_values_t = torch.empty(n, grad_t.shape[1], dtype=x.dtype, device=x.device)
+            scaled_t = (m * u_t).unsqueeze(1) * grad_t
+        if g_values is not None or g_values_t is not None:
+            kernel = _GaussianKernel(x, y, ctx.epsilon, ctx.chunk_size)
+            for start, stop in kernel.ranges():
+                k = kernel.block(start, stop)
+                if g_values is not None and grad is not None:
+                    g_values.addmm_(k.T, (n * u[start:stop]).unsqueeze(1) * grad[start:stop])
+                if g_values_t is not None and scaled_t is not None:
+                    g_values_t[start:stop] = v_t[start:stop].unsqueeze(1) * (k @ scaled_t)
+            if g_values is not None:
+                g_values *= v.unsqueeze(1)
+        return None, None, g_values, g_values_t, None, None, None, None, None
+
+
+def sinkhorn_transport(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    values: torch.Tensor,
+    epsilon: float = 5.0,
+    n_iter: int = 10,
+    values_t: torch.Tensor | None = None,
+    chunk_size: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""Entropic transport between the rows of ``x`` (n) and ``y`` (m), applied to ``values`` without an n x m matrix.
+
+    Kernel :math:`K_{ij} = \exp(-\|x_i - y_j\|^2/\epsilon)`; the plan is the reference's fixed-iteration Sinkhorn
+    (CI2MG): start from :math:`K/\sum K`, repeat ``n_iter`` times "rows sum to 1/n, then columns sum to 1/m", and
+    multiply by ``n``, i.e. :math:`\Gamma = n\,\mathrm{diag}(u) K \mathrm{diag}(v)` (columns sum to ``n/m``).
+    Returns :math:`\Gamma\,` ``values`` (``values``: m rows) and, when ``values_t`` (n rows) is given,
+    :math:`\Gamma'\,` ``values_t`` with :math:`\Gamma'` the same algorithm run on :math:`K^\top` (the reverse
+    direction, sharing the passes over ``K``); otherwise ``None``. The plans are constants (no gradient to
+    ``x``/``y``); the outputs are differentiable with respect to ``values``/``values_t``. ``K`` is rebuilt in row
+    blocks of ``chunk_size`` in every pass (``n_iter + 1`` passes forward, one backward), so memory stays
+    ``O(chunk_size * m)``. As in the reference there is no log-domain stabilisation: a row or column whose
+    squared distances all exceed ~``85 * epsilon`` underflows.
+    """
+    with torch.no_grad():
+        xd, yd = x.detach(), y.detach()
+        kernel = _GaussianKernel(xd, yd, float(epsilon), int(chunk_size))
+        u, v, u_t = _sinkhorn_scalings(kernel, xd.shape[0], yd.shape[0], int(n_iter), values_t is not None)
+    return _TransportApply.apply(xd, yd, values, values_t, u, v, u_t, float(epsilon), int(chunk_size))
+
+
 class CI2MG(Recommender):
     r"""CI2MG for ``M >= 2`` modalities (DGMRec's version by default).
 
@@ -62,7 +203,7 @@ class CI2MG(Recommender):
       gradient) on the squared distances between :math:`S_m = \sum_{k \ne m} Y_k` (rows) and :math:`Y_m`
       (columns); :math:`G_m = (\Gamma_m + \delta_m) Y_m`. With two modalities this is exactly the release's pair of
       plans on ``Dist`` and ``Dist^T``; with three, its "sum of the other two" rule. Computed block-wise by
-      :func:`dgmrec.graphs.sinkhorn_transport` (the two directions of a reciprocal pair share their passes).
+      :func:`sinkhorn_transport` (the two directions of a reciprocal pair share their passes).
     * Enhancement: :math:`\hat E_m = \mathrm{BN}(\mathrm{enh}_m([Y_m \| G_m]))` with **one** BatchNorm shared by
       all modalities (batch statistics over all items in training, running statistics at scoring).
     * Score: :math:`z_u = [C_u \| \mathrm{rownorm}(F_{1,u}) \| \dots]`, :math:`z_i = [C_i \| \mathrm{rownorm}(\hat

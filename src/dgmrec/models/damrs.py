@@ -18,18 +18,95 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgmrec.graphs import (
-    SparseOp,
-    cooccurrence_edges,
-    denoised_knn_edges,
-    lightgcn_propagate,
-    normalized_adjacency,
-    sym_row_normalize,
-)
+from dgmrec.graphs import SparseOp, lightgcn_propagate, normalize_rows, normalized_adjacency, sym_row_normalize
 from dgmrec.losses import sym_bernoulli_kl, weighted_bpr_loss
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
 _CHOICES = {"damrs_nd_rows": ("auto", "all", "complete"), "damrs_isolate_missing": ("auto", "never", "always")}
+
+
+# ---------------------------------------------------------------- denoised kNN and co-occurrence item graphs
+
+
+def denoised_knn_edges(
+    xs: list[torch.Tensor | np.ndarray],
+    k: int,
+    isolate: list[np.ndarray | None] | None = None,
+    chunk_size: int = 2048,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Binary cosine top-``k`` edges per modality, restricted to pairs similar in *every* modality (DA-MRS).
+
+    With ``S_m`` the cosine matrix of ``xs[m]`` and ``mu_m`` its mean over all ``n^2`` entries (computed exactly
+    as ``||sum_i x_i/||x_i||||^2 / n^2``, without the matrix), an entry ``(i, j)`` is zeroed in every modality
+    as soon as ``S_m(i, j) < mu_m`` for some ``m``. Rows in ``isolate[m]`` are then cut off in modality ``m``
+    (their row and column zeroed, a 1 on their diagonal). Each row finally keeps the columns of its (at most
+    ``k``) largest remaining positive entries, as unweighted edges. All-zero feature rows count as isolated.
+    Returns one ``(rows, cols)`` pair of int64 arrays per modality.
+    """
+    with torch.no_grad():
+        normed = [normalize_rows(torch.as_tensor(x, dtype=torch.float32)) for x in xs]
+        n = normed[0][0].shape[0]
+        device = normed[0][0].device
+        means = [float((xn.double().sum(dim=0) ** 2).sum()) / float(n) ** 2 for xn, _ in normed]
+        iso = []
+        for j, (_, zero) in enumerate(normed):
+            mask = zero.clone()
+            if isolate is not None and isolate[j] is not None:
+                mask |= torch.as_tensor(np.asarray(isolate[j], dtype=bool), device=device)
+            iso.append(mask)
+        kk = min(k, n)
+        out_rows: list[list[torch.Tensor]] = [[] for _ in xs]
+        out_cols: list[list[torch.Tensor]] = [[] for _ in xs]
+        for start in range(0, n, chunk_size):
+            stop = min(n, start + chunk_size)
+            sims = [xn[start:stop] @ xn.T for xn, _ in normed]
+            below = torch.zeros_like(sims[0], dtype=torch.bool)
+            for sim, mu in zip(sims, means, strict=True):
+                below |= sim < mu
+            local = torch.arange(start, stop, device=device)
+            for j, sim in enumerate(sims):
+                sim[below] = 0.0
+                rows_iso = iso[j][start:stop]
+                sim[:, iso[j]] = 0.0
+                sim[rows_iso] = 0.0
+                sim[(local - start)[rows_iso], local[rows_iso]] = 1.0
+                v, idx = torch.topk(sim, kk, dim=1)
+                keep = v > 0
+                out_rows[j].append(local.unsqueeze(1).expand_as(idx)[keep])
+                out_cols[j].append(idx[keep])
+    return [(torch.cat(r).cpu().numpy().astype(np.int64), torch.cat(c).cpu().numpy().astype(np.int64))
+            for r, c in zip(out_rows, out_cols, strict=True)]
+
+
+def cooccurrence_edges(train: sp.spmatrix, k: int = 10, min_shared: int = 2,
+                       chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Item-item co-occurrence neighbours: for each item, the (at most) ``k`` *other* items sharing the most
+    training users, among those sharing at least ``min_shared`` (DA-MRS's behaviour graph).
+
+    ``train`` is the binary user x item matrix; counts are ``R^T R`` computed in row chunks (sparse). Ties in
+    the count are broken by the smaller item id. Returns ``(rows, cols, counts)``.
+    """
+    r = sp.csr_matrix(train, dtype=np.float32)
+    r.data[:] = 1.0
+    r_t = sp.csr_matrix(r.T)
+    n = r.shape[1]
+    rows_out, cols_out, vals_out = [], [], []
+    for start in range(0, n, chunk_size):
+        stop = min(n, start + chunk_size)
+        block = (r_t[start:stop] @ r).tocoo()
+        rr, cc, vv = block.row.astype(np.int64) + start, block.col.astype(np.int64), block.data
+        keep = (rr != cc) & (vv >= min_shared)
+        rr, cc, vv = rr[keep], cc[keep], vv[keep]
+        order = np.lexsort((cc, -vv, rr))
+        rr, cc, vv = rr[order], cc[order], vv[order]
+        first = np.searchsorted(rr, rr, side="left")
+        rank = np.arange(len(rr)) - first
+        keep = rank < k
+        rows_out.append(rr[keep])
+        cols_out.append(cc[keep])
+        vals_out.append(vv[keep])
+    return (np.concatenate(rows_out), np.concatenate(cols_out),
+            np.concatenate(vals_out).astype(np.float32))
 
 
 def _binary_graph(rows: np.ndarray, cols: np.ndarray, n: int, self_loops: bool = False) -> sp.csr_matrix:
@@ -68,7 +145,7 @@ class DAMRS(Recommender):
     ------------
     * Graphs (built once from the imputed features and the training interactions): per modality a binary
       kNN graph (``knn_k``) on the cosine similarity, keeping only pairs whose similarity reaches the global
-      mean similarity in *every* modality (:func:`dgmrec.graphs.denoised_knn_edges`); a co-occurrence graph
+      mean similarity in *every* modality (:func:`denoised_knn_edges`); a co-occurrence graph
       (self-loop plus the ``cooc_k`` items sharing the most training users, at least ``cooc_min_shared``;
       counts ignored). All are ``SymRow``-normalised.
     * :math:`C = \mathrm{LGC}_{L_{ui}}(E_u, E_i; \hat A)`; per view ``x`` (``M`` modalities + co-occurrence)

@@ -12,12 +12,12 @@ written back into the feature table; the kNN graphs of items with a missing moda
 
 Losses: BPR + norms + reconstruction + CLUB (disentangling) + inter-modal InfoNCE + user-item alignment +
 behaviour-modality alignment + generation. The defaults reproduce the reference release; each documented
-deviation is an option (see ``configs/models/DGMRec.yaml``):
+deviation is an option (see ``configs/models/DGMRec.yaml``; presets name sets of them, docs/dgmrec.md):
 
 ``trainable_raw_features``, ``preference_mode``, ``infer_graph``, ``write_policy``, ``refresh_rows``,
 ``missing_source_policy``, ``club_modalities``, ``inter_user_pairs``, ``intra_specific``,
-``recon_observed_only``, ``generation_warmup``, ``zero_new_item_cf``, ``new_item_generation``,
-``nce_duplicates``, ``generation_space``, ``recon_target``, ``decoder_fit``.
+``recon_observed_only``, ``new_item_generation``, ``nce_duplicates``, ``generation_space``, ``recon_target``,
+``decoder_fit``.
 
 Generation spaces. The reference trains the translator on filtered, propagated general features and the
 specific generator on raw specific features, decodes filtered, propagated features, but generates from raw
@@ -37,6 +37,7 @@ the items that observe every modality, so it learns the map it is used for.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -54,17 +55,9 @@ from dgmrec.graphs import (
     mean_aggregator,
     normalized_adjacency,
 )
-from dgmrec.losses import (
-    CLUBSample,
-    TableGradient,
-    bpr_loss,
-    info_nce,
-    linear_mse,
-    perturb,
-    ridge_fit,
-    table_linear,
-)
+from dgmrec.losses import CLUBSample, bpr_loss, info_nce, linear_mse, perturb, ridge_fit
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
+from dgmrec.ops.fused import fused_table_gradients, table_linear
 
 _CHOICES = {
     "preference_mode": ("code_tanh_idproj", "paper_sigmoid_table"),
@@ -81,6 +74,27 @@ _CHOICES = {
     "recon_target": ("table", "original"),
     "decoder_fit": ("gradient", "least_squares", "least_squares_generated"),
 }
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of DGMRec's losses; each field names its configuration key (the reference's name)."""
+
+    reconstruction: float  # recon: decoder reconstruction of the raw features
+    modality_reg: float  # reg: norm of the positive items' modality representations
+    club: float  # sampler: CLUB bound on the general/specific mutual information (0 disables CLUB)
+    inter_modal: float  # interModal: InfoNCE between the modalities' general features
+    user_item: float  # intraModal: user-item alignment InfoNCE
+    behaviour_modality: float  # alignBM: behaviour (CF) vs modality alignment InfoNCE
+    generation: float  # additive: translator and specific-generator losses
+    cf_reg: float  # cf_reg: norm of the batch's CF embeddings
+
+    @classmethod
+    def from_config(cls, c: Mapping[str, Any]) -> LossWeights:
+        return cls(reconstruction=float(c["recon"]), modality_reg=float(c["reg"]), club=float(c["sampler"]),
+                   inter_modal=float(c["interModal"]), user_item=float(c["intraModal"]),
+                   behaviour_modality=float(c["alignBM"]), generation=float(c["additive"]),
+                   cf_reg=float(c["cf_reg"]))
 
 
 def _xavier_linear(d_in: int, d_out: int, bias: bool = True) -> nn.Linear:
@@ -110,19 +124,16 @@ class DGMRec(Recommender):
         self.n_ui_layers = int(c["n_ui_layers"])
         self.n_mm_layers = int(c["n_mm_layers"])
         self.knn_k = int(c["knn_k"])
-        self.w = {k: float(c[k]) for k in ("recon", "reg", "sampler", "interModal", "intraModal", "alignBM",
-                                           "additive", "cf_reg")}
-        self.tau_inter = float(c["interModalTemp"])
-        self.tau_intra = float(c["intraModalTemp"])
-        self.tau_bm = float(c["alignBMTemp"])
-        self.avg_lambda = float(c["avg_lambda"])
+        self.weights = LossWeights.from_config(c)
+        self.tau_inter_modal = float(c["interModalTemp"])
+        self.tau_user_item = float(c["intraModalTemp"])
+        self.tau_behaviour_modality = float(c["alignBMTemp"])
+        self.refresh_blend = float(c["avg_lambda"])  # weight of the rebuilt rows in a graph refresh
         self.refresh_interval = int(c["refresh_interval"])
         self.perturb_scale = float(c["perturb_scale"])
         self.opts = {k: str(c[k]) for k in _CHOICES}
         self.trainable_raw = bool(c["trainable_raw_features"])
         self.recon_observed_only = bool(c["recon_observed_only"])
-        self.generation_warmup = int(c["generation_warmup"])
-        self.zero_new_item_cf = bool(c["zero_new_item_cf"])
         self.infer_adj_update = bool(int(c["infer_adj_update"]))
 
         # ------------------------------------------------------------- masks and item sets
@@ -194,7 +205,7 @@ class DGMRec(Recommender):
         if self.opts["decoder_fit"] != "gradient":
             self.decoder.requires_grad_(False)
         # a least-squares decoder with a frozen target takes nothing from the reconstruction gradient
-        self.recon_in_loss = bool(self.w["recon"]) and not (
+        self.recon_in_loss = bool(self.weights.reconstruction) and not (
             self.opts["decoder_fit"] != "gradient" and bool(self.original_features))
         # the table gets gradient from its encoder and from being the whole reconstruction target: fuse the two
         self.fuse_table_grads = (self.recon_in_loss and self.trainable_raw and not self.original_features
@@ -203,7 +214,7 @@ class DGMRec(Recommender):
 
         # CLUB estimators live outside the main optimiser (their own Adam)
         club_mods = list(range(M)) if self.opts["club_modalities"] == "all" else [0, 1]
-        self.club_mods = club_mods if self.w["sampler"] > 0 else []
+        self.club_mods = club_mods if self.weights.club > 0 else []
         self.club = nn.ModuleList(CLUBSample(d, d, int(c["club_hidden"]) // 2) for _ in self.club_mods)
         self.club_optimizer = (torch.optim.Adam(self.club.parameters(), lr=float(c["club_lr"]))
                                if self.club_mods else None)
@@ -245,12 +256,11 @@ class DGMRec(Recommender):
         return x
 
     # ------------------------------------------------------------------------------------- encoders
-    def encode(self, j: int, x: torch.Tensor | None = None,
-               hand_off: TableGradient | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw general and specific features of modality ``j`` (one fused matmul over the feature table)."""
+    def encode(self, j: int, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw general and specific features of modality ``j`` (``h_m`` and ``f_{s,m}`` as one matmul)."""
         x = self.features[j] if x is None else x
         h, fs = self.general_in[j], self.specific_enc[j]
-        both = table_linear(x, torch.cat([h.weight, fs.weight]), torch.cat([h.bias, fs.bias]), hand_off)
+        both = table_linear(x, torch.cat([h.weight, fs.weight]), torch.cat([h.bias, fs.bias]))
         general = torch.sigmoid(self.general_shared(torch.tanh(both[:, : self.d])))
         specific = torch.sigmoid(both[:, self.d:])
         return general, specific
@@ -263,18 +273,14 @@ class DGMRec(Recommender):
         return torch.sigmoid(self.item_agg @ self.preference_tables[j])
 
     # -------------------------------------------------------------------------------------- forward
-    def forward_all(self, graphs: list[SparseOp], users: torch.Tensor | None = None,
-                    hand_offs: list[TableGradient] | None = None) -> dict[str, Any]:
-        """Representations of all items and of ``users`` (all users when None); user rows follow ``users``.
-
-        ``hand_offs`` (one per modality) fuse the feature tables' encoder and reconstruction gradients.
-        """
+    def forward_all(self, graphs: list[SparseOp], users: torch.Tensor | None = None) -> dict[str, Any]:
+        """Representations of all items and of ``users`` (all users when None); user rows follow ``users``."""
         ego = torch.cat([self.user_embedding, self.item_embedding], dim=0)
         cf = lightgcn_propagate(self.ui_adj, ego, self.n_ui_layers)
         u_cf, i_cf = cf[: self.n_users], cf[self.n_users:]
         raw_g, raw_s, filt, prop_g, prop_s = [], [], [], [], []
         for j in range(self.M):
-            g, s = self.encode(j, hand_off=hand_offs[j] if hand_offs else None)
+            g, s = self.encode(j)
             phi = self.item_filter(j)
             both = self._propagate_mm(graphs[j], torch.cat([phi * g, phi * s], dim=1))
             raw_g.append(g)
@@ -302,12 +308,23 @@ class DGMRec(Recommender):
 
     # ----------------------------------------------------------------------------------------- loss
     def loss(self, batch: Batch) -> LossOutput:
-        hand_offs = None
-        if self.fuse_table_grads:
-            if self._table_grad_buffers is None:  # persistent gradient buffers of the tables (see TableGradient)
-                self._table_grad_buffers = [torch.empty_like(x) for x in self.features]
-            hand_offs = [TableGradient(x, b) for x, b in zip(self.features, self._table_grad_buffers, strict=True)]
-        f = self.forward_all(self.train_graphs, users=batch.users, hand_offs=hand_offs)
+        """The training objective (:meth:`objective`) of one batch.
+
+        Where a feature table is both trained and the whole reconstruction target, its two gradients (through
+        its encoder and as the target) are produced by one GEMM into a persistent buffer
+        (:func:`dgmrec.ops.fused.fused_table_gradients`); the values are those of :meth:`objective` alone.
+        """
+        if not self.fuse_table_grads:
+            return self.objective(batch)
+        if self._table_grad_buffers is None:
+            self._table_grad_buffers = [torch.empty_like(x) for x in self.features]
+        with fused_table_gradients(list(self.features), self._table_grad_buffers):
+            return self.objective(batch)
+
+    def objective(self, batch: Batch) -> LossOutput:
+        """BPR + norms + reconstruction + CLUB + inter-modal + user-item + behaviour-modality + generation."""
+        w = self.weights
+        f = self.forward_all(self.train_graphs, users=batch.users)
         u, p, n = batch.users, batch.pos, batch.neg
         mask_dups = self.opts["nce_duplicates"] == "mask"
         ui_ids = (u, p) if mask_dups else None
@@ -326,8 +343,8 @@ class DGMRec(Recommender):
         u_user, u_cf, u_g, u_s = uu[0], uu[1], uu[2:2 + M], uu[2 + M:]
 
         bpr = bpr_loss((u_user * p_item).sum(1), (u_user * n_item).sum(1))
-        reg = self.w["cf_reg"] * (u_cf.norm() + p_cf.norm() + n_cf.norm()) / B
-        reg = reg + self.w["reg"] * sum((p_g[j] + p_s[j]).norm() for j in range(M)) / B
+        reg = w.cf_reg * (u_cf.norm() + p_cf.norm() + n_cf.norm()) / B
+        reg = reg + w.modality_reg * sum((p_g[j] + p_s[j]).norm() for j in range(M)) / B
         parts = {"bpr": bpr, "reg": reg}
         zero = torch.zeros((), device=bpr.device)
 
@@ -338,43 +355,45 @@ class DGMRec(Recommender):
                 rows, target = self._recon_target(j)
                 if rows is not None:
                     dec_in, target = dec_in[rows], target[rows]
-                recon = recon + linear_mse(dec_in, self.decoder[j], target, hand_offs[j] if hand_offs else None)
-            parts["recon"] = self.w["recon"] * recon
+                recon = recon + linear_mse(dec_in, self.decoder[j], target)
+            parts["recon"] = w.reconstruction * recon
 
         if self.club_mods:
             club = sum(est(f["s"][j], f["g"][j]) for est, j in zip(self.club, self.club_mods, strict=True))
-            parts["club"] = self.w["sampler"] * club
+            parts["club"] = w.club * club
 
         items = torch.unique(torch.cat([p, n]))
         items_all = items[self.complete[items]] if self.missing_setting else items
-        if self.w["interModal"]:
+        if w.inter_modal:
             pairs = [(0, 1)] if M == 2 else [(j, (j + 1) % M) for j in range(M)]
             inter = zero
             if len(items_all) > 1:
                 raw_g = F.embedding(items_all, torch.cat(f["raw_g"], dim=1)).split(d, dim=1)
                 for a, b in pairs:
-                    inter = inter + info_nce(raw_g[a], raw_g[b], self.tau_inter)
+                    inter = inter + info_nce(raw_g[a], raw_g[b], self.tau_inter_modal)
             user_pairs = [(0, 1)] if self.opts["inter_user_pairs"] == "first_pair" else pairs
             for a, b in user_pairs:
-                inter = inter + info_nce(u_g[a], u_g[b], self.tau_inter, uu_ids)
-            parts["inter"] = self.w["interModal"] * inter
+                inter = inter + info_nce(u_g[a], u_g[b], self.tau_inter_modal, uu_ids)
+            parts["inter"] = w.inter_modal * inter
 
         sum_user_g = torch.stack(u_g).sum(0)
         sum_item_g = torch.stack(p_g).sum(0)
-        if self.w["intraModal"]:
-            intra = info_nce(u_cf, p_cf, self.tau_intra, ui_ids) + info_nce(sum_user_g, sum_item_g, self.tau_inter,
-                                                                              ui_ids)
+        if w.user_item:
+            # the general-feature term uses the inter-modal temperature, as the reference does (spec 9.8)
+            intra = info_nce(u_cf, p_cf, self.tau_user_item, ui_ids) + info_nce(sum_user_g, sum_item_g,
+                                                                                 self.tau_inter_modal, ui_ids)
             for j in range(M):
                 use_general = self.opts["intra_specific"] == "reference" and M >= 3 and j == 2
                 a, b = (u_g[j], p_g[j]) if use_general else (u_s[j], p_s[j])
-                intra = intra + info_nce(a, b, self.tau_intra, ui_ids)
-            parts["intra"] = self.w["intraModal"] * intra
+                intra = intra + info_nce(a, b, self.tau_user_item, ui_ids)
+            parts["intra"] = w.user_item * intra
 
-        if self.w["alignBM"]:
-            bm = info_nce(p_cf, sum_item_g, self.tau_bm, pp_ids) + info_nce(u_cf, sum_user_g, self.tau_bm, uu_ids)
-            parts["bm"] = self.w["alignBM"] * bm
+        if w.behaviour_modality:
+            bm = info_nce(p_cf, sum_item_g, self.tau_behaviour_modality, pp_ids) + info_nce(
+                u_cf, sum_user_g, self.tau_behaviour_modality, uu_ids)
+            parts["bm"] = w.behaviour_modality * bm
 
-        if self.missing_setting and self.w["additive"]:
+        if self.missing_setting and w.generation:
             gen = zero
             space = self.opts["generation_space"]
             spec_key = "s" if space == "propagated" else "raw_s"
@@ -391,7 +410,7 @@ class DGMRec(Recommender):
                     src = torch.cat([gen_g[k][complete] for k in self.sources[j]], dim=1)
                     fake_g = self.translator[j](perturb(src, self.perturb_scale))
                     gen = gen + F.mse_loss(fake_g, gen_g[j][complete])
-            parts["gen"] = self.w["additive"] * gen
+            parts["gen"] = w.generation * gen
 
         total = sum(parts.values())
         return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})
@@ -402,10 +421,10 @@ class DGMRec(Recommender):
         if self.club_mods:
             info["club_nll"] = self._train_club()
         self.counter += 1
-        if self.missing_setting and epoch >= self.generation_warmup:
+        if self.missing_setting:
             generated = self._generate(self.train_graphs, noise=True)
             self._write(generated, self.write_rows)
-            if self.avg_lambda > 0 and self.counter % self.refresh_interval == 0:
+            if self.refresh_blend > 0 and self.counter % self.refresh_interval == 0:
                 self.train_graphs = self._refresh(self.train_graphs, self.refresh_rows_)
                 info["graph_nnz"] = float(sum(g.nnz for g in self.train_graphs))
         return info or None
@@ -415,7 +434,7 @@ class DGMRec(Recommender):
             return
         generated = self._generate(self.infer_graphs, noise=True)
         self._write(generated, self.infer_write_rows)
-        if self.infer_adj_update and self.avg_lambda > 0 and self.counter % self.refresh_interval == 0:
+        if self.infer_adj_update and self.refresh_blend > 0 and self.counter % self.refresh_interval == 0:
             self.infer_graphs = self._refresh(self.infer_graphs, self.infer_refresh_rows)
 
     def _train_club(self) -> float:
@@ -517,17 +536,13 @@ class DGMRec(Recommender):
                 out.append(g)
                 continue
             fresh = knn_graph(self.features[j].detach(), self.knn_k)
-            out.append(SparseOp(blend_rows(g.scipy, fresh, rows[j], self.avg_lambda), self.device))
+            out.append(SparseOp(blend_rows(g.scipy, fresh, rows[j], self.refresh_blend), self.device))
         return out
 
     # ------------------------------------------------------------------------------------ scoring
     def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.forward_all(self._scoring_graphs())
-        item = f["item"]
-        if self.zero_new_item_cf and self.new_item_setting:
-            new = torch.as_tensor(self.new_items_np, device=item.device)
-            item = torch.where(new[:, None], item - f["i_cf"], item)
-        return f["user"], item
+        return f["user"], f["item"]
 
     # --------------------------------------------------------------------------------- generation API
     def generate_for_retrieval(self) -> dict[str, torch.Tensor]:

@@ -19,8 +19,112 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgmrec.graphs import EdgeGraph, segment_softmax
 from dgmrec.models.base import Batch, ModelInput, NodeTableRecommender
+
+# ------------------------------------------------------------------- edge-list message passing (autograd)
+
+
+def segment_softmax(scores: torch.Tensor, index: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Softmax of ``scores`` within each group of entries sharing ``index`` (e.g. a node's incoming edges).
+
+    ``out_e = exp(s_e - max_g) / (sum_{e' in g} exp(s_e' - max_g) + 1e-16)`` with ``g = index[e]`` (the
+    PyTorch-Geometric convention); differentiable in ``scores`` (the shift by the group maximum is constant).
+    """
+    seg_max = torch.full((n_segments,), float("-inf"), dtype=scores.dtype, device=scores.device)
+    seg_max = seg_max.scatter_reduce(0, index, scores.detach(), reduce="amax", include_self=True)
+    expo = (scores - seg_max.index_select(0, index)).exp()
+    denom = torch.zeros(n_segments, dtype=scores.dtype, device=scores.device).index_add(0, index, expo)
+    return expo / (denom.index_select(0, index) + 1e-16)
+
+
+class _EdgePropagate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, x: torch.Tensor, graph: EdgeGraph) -> torch.Tensor:  # type: ignore[override]
+        ctx.graph = graph
+        ctx.save_for_backward(w, x)
+        return torch.sparse.mm(graph.matrix(w.detach()), x.detach().contiguous())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        w, x = ctx.saved_tensors
+        g: EdgeGraph = ctx.graph
+        grad_w = g.sddmm(grad, x) if ctx.needs_input_grad[0] else None
+        grad_x = torch.sparse.mm(g.matrix_t(w.detach()), grad.contiguous()) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_x, None
+
+
+class _EdgeDot(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, graph: EdgeGraph) -> torch.Tensor:  # type: ignore[override]
+        ctx.graph = graph
+        ctx.save_for_backward(a, b)
+        return graph.sddmm(a.detach(), b.detach())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        g: EdgeGraph = ctx.graph
+        grad_a = torch.sparse.mm(g.matrix(grad), b.detach().contiguous()) if ctx.needs_input_grad[0] else None
+        grad_b = torch.sparse.mm(g.matrix_t(grad), a.detach().contiguous()) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None
+
+
+class EdgeGraph:
+    """A fixed directed edge list ``src -> dst`` whose edge *values* are computed (attention, learned weights).
+
+    :meth:`propagate` (``out[t] = sum_{e: dst_e = t} w_e x[src_e]``) and :meth:`edge_dot`
+    (``s_e = a[dst_e] . b[src_e]``) give the same values and gradients as a gather, weighting and ``index_add``
+    over the edges and a gathered row-wise dot product, but run as CSR sparse products (the index structures of
+    both directions are built once) and never keep ``|E| x d`` intermediates for the backward pass; the dot
+    products are evaluated in edge chunks.
+    """
+
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor, n_dst: int, n_src: int | None = None,
+                 chunk_size: int = 16384) -> None:
+        self.src = src.long()
+        self.dst = dst.long()
+        self.n_dst = int(n_dst)
+        self.n_src = int(n_dst if n_src is None else n_src)
+        self.chunk_size = int(chunk_size)
+        self._perm, self._crow, self._col = self._csr(self.dst, self.src, self.n_dst)
+        self._perm_t, self._crow_t, self._col_t = self._csr(self.src, self.dst, self.n_src)
+
+    @staticmethod
+    def _csr(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        perm = torch.argsort(rows * (int(cols.max()) + 1 if len(cols) else 1) + cols, stable=True)
+        crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
+        crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), dim=0)
+        # 32-bit indices when they fit: the CPU sparse kernels run about twice as fast with them
+        index_dtype = torch.int32 if max(len(cols), n_rows, int(cols.max()) + 1 if len(cols) else 0) < 2**31 \
+            else torch.long
+        return perm, crow.to(index_dtype), cols[perm].to(index_dtype).contiguous()
+
+    def matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """``n_dst x n_src`` CSR matrix with entry ``(dst_e, src_e) = w_e`` (duplicates add up)."""
+        return torch.sparse_csr_tensor(self._crow, self._col, w[self._perm], size=(self.n_dst, self.n_src),
+                                       check_invariants=False)
+
+    def matrix_t(self, w: torch.Tensor) -> torch.Tensor:
+        """The transpose: ``n_src x n_dst`` with entry ``(src_e, dst_e) = w_e``."""
+        return torch.sparse_csr_tensor(self._crow_t, self._col_t, w[self._perm_t], size=(self.n_src, self.n_dst),
+                                       check_invariants=False)
+
+    def sddmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a[dst_e] . b[src_e]`` for every edge, without gradient, in chunks of edges."""
+        out = torch.empty(len(self.src), dtype=a.dtype, device=a.device)
+        for start in range(0, len(self.src), self.chunk_size):
+            stop = min(len(self.src), start + self.chunk_size)
+            rows = a.index_select(0, self.dst[start:stop])
+            out[start:stop] = (rows * b.index_select(0, self.src[start:stop])).sum(dim=1)
+        return out
+
+    def propagate(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out[t] = sum_{e: dst_e = t} w_e x[src_e]`` (``n_dst x d``), differentiable in ``w`` and ``x``."""
+        return _EdgePropagate.apply(w, x, self)
+
+    def edge_dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``s_e = a[dst_e] . b[src_e]`` for every edge, differentiable in ``a`` and ``b``."""
+        return _EdgeDot.apply(a, b, self)
 
 
 def attention_pass(x: torch.Tensor, graph: EdgeGraph) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,17 +21,47 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgmrec.errors import ConfigError
-from dgmrec.graphs import (
-    SparseOp,
-    edge_sym_row_normalize,
-    edge_weighted_sum,
-    knn_edges_with_grad,
-    knn_graph,
-    lightgcn_propagate,
-    normalized_adjacency,
-)
+from dgmrec.graphs import SparseOp, knn_edges, knn_graph, lightgcn_propagate, normalized_adjacency
 from dgmrec.losses import bpr_loss, sq_reg
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
+
+# ------------------------------------------------------------------- learned item graphs as edge lists (autograd)
+
+
+def edge_weighted_sum(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor | None,
+                      n_out: int) -> torch.Tensor:
+    """``out[t] = sum_{e: dst_e = t} weight_e * x[src_e]`` (no weight: plain sum); gradients reach ``x`` and
+    ``weight``. The sparse product with edge weights that are themselves learned (attention, learned graphs)."""
+    msg = x.index_select(0, src)
+    if weight is not None:
+        msg = msg * weight.unsqueeze(1)
+    return torch.zeros(n_out, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, dst, msg)
+
+
+def edge_sym_row_normalize(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n: int) -> torch.Tensor:
+    """Edge-list :func:`sym_row_normalize` with autograd: ``v_e / sqrt(r_row r_col)``, ``r`` the row sums
+    (rows summing to ``<= 0`` get scale 0). Duplicate ``(row, col)`` pairs act as their sum."""
+    r = torch.zeros(n, dtype=vals.dtype, device=vals.device).index_add(0, rows, vals)
+    scale = torch.where(r > 0, r.clamp_min(1e-30).rsqrt(), torch.zeros_like(r))
+    return scale.index_select(0, rows) * vals * scale.index_select(0, cols)
+
+
+def knn_edges_with_grad(x: torch.Tensor, k: int, isolate: np.ndarray | None = None,
+                        chunk_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cosine top-``k`` graph of the rows of ``x`` whose edge weights carry gradient to ``x``.
+
+    The neighbours are found chunk by chunk without gradient (:func:`knn_edges`, ``isolate`` applied before the
+    top-k); the kept weights are then recomputed as the cosines of the selected pairs, so memory stays
+    ``O(n k d)`` and the gradients equal those of a dense top-k on the full similarity matrix. Self-loops weigh
+    exactly 1 (their cosine, whose gradient is zero). Returns ``(rows, cols, weights)`` as tensors.
+    """
+    r, c, _ = knn_edges(x.detach(), k, isolate=isolate, isolate_before_topk=True, chunk_size=chunk_size)
+    rows = torch.from_numpy(r).to(x.device)
+    cols = torch.from_numpy(c).to(x.device)
+    xn = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    vals = (xn.index_select(0, rows) * xn.index_select(0, cols)).sum(dim=1)
+    vals = torch.where(rows == cols, torch.ones_like(vals), vals)
+    return rows, cols, vals
 
 
 class LATTICE(Recommender):
