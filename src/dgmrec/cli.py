@@ -143,7 +143,7 @@ def _users_option(value: str, ds: RecDataset, original: bool) -> list[str]:
     try:
         ds.user_index(tokens, source="--users", original=original)
     except DataError as exc:
-        if len(tokens) == 1:  # perhaps a file name with a typo
+        if len(tokens) == 1 and ("/" in tokens[0] or Path(tokens[0]).suffix):  # a file name with a typo?
             raise DataError(f"{str(exc).removeprefix('--users: ')}, and no file of that name",
                             source="--users") from None
         raise

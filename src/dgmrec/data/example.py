@@ -70,7 +70,7 @@ def write_example_catalogue(out: str | Path, *, n_users: int = 30, n_items: int 
     description and ``without_image`` others no image. Each of the ``n_users`` users ``user_0...`` picks 8 to
     12 distinct items, 85 % of the time from the one or two kinds they prefer, at increasing timestamps.
     """
-    from PIL import Image  # a dependency of matplotlib, installed with the package
+    from matplotlib.image import imsave
 
     folder = Path(out)
     images = folder / "images"
@@ -89,7 +89,7 @@ def write_example_catalogue(out: str | Path, *, n_users: int = 30, n_items: int 
         image = ""
         if item not in no_image:
             image = f"images/{item}.png"
-            Image.fromarray(_draw(kind, COLOURS[colour])).save(folder / image)
+            imsave(folder / image, _draw(kind, COLOURS[colour]), format="png")
         rows.append({"item_id": item, "description": text, "image": image})
     items_path = folder / "items.csv"
     pd.DataFrame(rows).to_csv(items_path, index=False)

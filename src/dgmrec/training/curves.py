@@ -14,11 +14,13 @@ CURVES_NAME = "curves.png"
 
 
 def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path, *, title: str, valid_metric: str,
-                best_epoch: int, loss_keys: Sequence[str] = ("loss",), subtitle: str = "") -> Path:
+                best_epoch: int, loss_keys: Sequence[str] = ("loss",), subtitle: str = "",
+                patience_from: int | None = 0) -> Path:
     """Write the two-panel figure of a run's ``history`` (the entries of ``log.jsonl``) to ``path``.
 
     Left: every entry of ``loss_keys`` per epoch (the total ``loss`` drawn bold). Right: ``valid_metric`` at
-    every evaluation, the best epoch marked with its value (and the test value there, when logged).
+    every evaluation, the best epoch marked with its value (and the test value there, when logged), and the
+    epochs before ``patience_from`` (None: all of them) shaded: early stopping did not count them yet.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -53,6 +55,11 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path, *, title
     if evals:
         xs, ys = zip(*evals, strict=True)
         ax_valid.plot(xs, ys, marker="." if len(xs) < 60 else None, color="tab:blue", label=f"valid {valid_metric}")
+        last = max(e["epoch"] for e in history)
+        end = last + 0.5 if patience_from is None else min(patience_from, last + 0.5)
+        if end > 0:
+            ax_valid.axvspan(-0.5, end, color="0.85", alpha=0.6, linewidth=0,
+                             label="patience not counted yet (warm-up)")
         best = [e for e in history if e.get("epoch") == best_epoch and isinstance(e.get("valid"), Mapping)]
         if best:
             value = best[-1]["valid"][valid_metric]

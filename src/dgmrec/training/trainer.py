@@ -377,12 +377,21 @@ class Trainer:
     def write_curves(self, results: Mapping[str, Any] | None = None) -> Path:
         """Draw ``curves.png`` from the run's history (see :mod:`dgmrec.training.curves`)."""
         res = results if results is not None else self.results()
-        stopped = "stopped early" if res["early_stopped"] else "all epochs"
+        stopped = "stopped early" if res["early_stopped"] else "ran to the last epoch"
         subtitle = (f"{res['epochs_run']} epochs ({stopped}), best epoch {res['best_epoch']} by validation "
                     f"{self.valid_metric}, {self.ds.n_users} users x {self.ds.n_items} items")
         return plot_curves(self.history, self.out / CURVES_NAME, title=f"{self.model.name} on {self.ds.name}",
                            subtitle=subtitle, valid_metric=self.valid_metric, best_epoch=int(res["best_epoch"]),
-                           loss_keys=self.loss_keys or ["loss"])
+                           loss_keys=self.loss_keys or ["loss"], patience_from=self.first_counting_epoch())
+
+    def first_counting_epoch(self) -> int | None:
+        """The first epoch of the history whose evaluation used up patience (None: none did)."""
+        fitting = self.bpr_below <= 0
+        for e in self.history:
+            fitting = fitting or e.get("bpr", 0.0) < self.bpr_below
+            if fitting and (e["epoch"] + 1) * self.sampler.n_batches(self.batch_size) >= self.min_steps:
+                return int(e["epoch"])
+        return None
 
     def _save_per_user(self, per_split: dict[str, dict[str, np.ndarray]]) -> None:
         for split, vectors in per_split.items():
