@@ -188,3 +188,202 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["test"]) == {"DGMRec", "LightGCN", "MFBPR"}
     assert "Hit@10" in out and summary["retrieval"]["by_missing_level"]["1"]["nn_hit@10"] > 0
+
+
+# ------------------------------------------------------------------------------------------ run directories
+def small_train(data, out, *extra):
+    return ["train", "--model", "LightGCN", "--data", str(data), "--out", str(out), "--set", "epochs=2", "-q",
+            *extra]
+
+
+def test_train_refuses_a_directory_that_holds_a_run(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(small_train(folder, out), capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad(capsys, small_train(folder, out, "--set", "epochs=3"),
+        f"error: --out: {out} already holds a run; use --resume or --overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the first run is intact
+
+
+def test_train_overwrite_replaces_the_run(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(small_train(folder, out), capsys)[0] == 0
+    (out / "per_user_test_new_items.csv").write_text("stale")  # a file of the old run only
+    code, _, err = run_cli(small_train(folder, out, "--set", "epochs=3", "--overwrite"), capsys)
+    assert code == 0, err
+    assert json.loads((out / "results.json").read_text())["epochs_run"] == 3
+    assert len((out / "log.jsonl").read_text().splitlines()) == 3
+    assert not (out / "per_user_test_new_items.csv").exists()
+
+
+def test_overwrite_keeps_the_run_when_the_configuration_is_bad(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(small_train(folder, out), capsys)[0] == 0
+    results = (out / "results.json").read_bytes()
+    bad(capsys, small_train(folder, out, "--set", "epochs=0", "--overwrite"), "key 'epochs' must be at least 1")
+    assert (out / "results.json").read_bytes() == results
+
+
+def test_resume_and_overwrite_together_is_an_error(folder, tmp_path, capsys):
+    bad(capsys, small_train(folder, tmp_path / "run", "--resume", "--overwrite"), "--out: use --resume or --overwrite")
+
+
+# --------------------------------------------------------------------------------- catalogues of any shape
+def featureless(folder, dst):
+    dst.mkdir()
+    for f in folder.iterdir():
+        if not f.name.endswith("_feat.npy") and f.name != "observed.npz":
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("model", ["LightGCN", "MFBPR"])
+def test_models_without_features_train_on_a_folder_without_feature_files(folder, tmp_path, capsys, model):
+    data = featureless(folder, tmp_path / "ids-only")
+    code, _out, err = run_cli(["train", "--model", model, "--data", str(data), "--out", str(tmp_path / "r"),
+                              "--set", "epochs=3", "-q"], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["modalities"] == [] and res["test"]["recall@20"] > 0
+    assert run_cli(["recommend", "--run", str(tmp_path / "r"), "--users", "0", "--k", "3"], capsys)[0] == 0
+
+
+def test_a_model_that_needs_features_says_so_on_a_folder_without_them(folder, tmp_path, capsys):
+    data = featureless(folder, tmp_path / "ids-only")
+    bad(capsys, ["train", "--model", "DGMRec", "--data", str(data), "--out", str(tmp_path / "r")],
+        "--data: DGMRec needs item features and the dataset has none")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """20 items: the default cut-offs 20 and 50 rank every item."""
+    path = tmp_path_factory.mktemp("data") / "tiny"
+    write_mmrec(make_synthetic(n_users=30, n_items=20, interactions_per_user=6, seed=4, name="tiny",
+                               modalities=(("image", 8), ("text", 6))), path)
+    return path
+
+
+def test_small_catalogue_trains_with_default_cutoffs(tiny, tmp_path, capsys):
+    code, _out, err = run_cli(["train", "--model", "LightGCN", "--data", str(tiny), "--out", str(tmp_path / "r"),
+                              "--set", "epochs=2", "-q"], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["config"]["topk"] == [10] and res["valid_metric"] == "recall@10"
+    assert set(res["test"]) == {f"{m}@10" for m in ("recall", "ndcg", "precision", "map", "hit")}
+    note = "topk [10, 20, 50] -> [10] and valid_metric recall@20 -> recall@10: the catalogue has 20 items"
+    assert len(res["notes"]) == 1 and res["notes"][0].startswith(note)
+    assert err.count(note) == 1  # said once, on stderr
+
+
+@pytest.mark.parametrize(("value", "topk"), [("topk=5,10", [5, 10]), ("topk=[5, 10]", [5, 10]), ("topk=5", [5])])
+def test_set_takes_a_list_as_a_comma_list_or_yaml(tiny, tmp_path, capsys, value, topk):
+    code, _, err = run_cli(["train", "--model", "MFBPR", "--data", str(tiny), "--out", str(tmp_path / "r"),
+                            "--set", "epochs=1", "--set", value, "--set", "valid_metric=recall@5", "-q"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["config"]["topk"] == topk
+
+
+def test_results_table_lists_every_metric_by_split(tiny, tmp_path, capsys):
+    code, out, _ = run_cli(["train", "--model", "MFBPR", "--data", str(tiny), "--out", str(tmp_path / "r"),
+                            "--set", "epochs=2", "--set", "topk=2,5", "--set", "valid_metric=ndcg@5", "-q"], capsys)
+    assert code == 0
+    header = next(line for line in out.splitlines() if "split" in line)
+    assert [c.strip() for c in header.strip("┃ ").split("┃")] == ["split", "K", "recall", "ndcg", "precision",
+                                                                  "map", "hit"]
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in out.splitlines() if line.startswith("│")]
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert [r[:2] for r in rows] == [["valid", "2"], ["valid", "5"], ["test", "2"], ["test", "5"]]
+    assert rows[3][3] == f"{res['test']['ndcg@5']:.4f}"
+
+
+def test_every_run_writes_a_curves_plot(tiny, tmp_path, capsys):
+    from PIL import Image
+
+    code, out, _ = run_cli(["train", "--model", "LightGCN", "--data", str(tiny), "--out", str(tmp_path / "r"),
+                            "--set", "epochs=4", "-q"], capsys)
+    assert code == 0 and f"curves:  {tmp_path / 'r' / 'curves.png'}" in out
+    with Image.open(tmp_path / "r" / "curves.png") as im:
+        assert im.format == "PNG" and im.size == (1100, 420)
+        pixels = np.asarray(im.convert("L"))
+    assert (pixels < 100).mean() > 0.01  # axes, text and curves are drawn
+
+
+# ------------------------------------------------------------------------------------ listing and help
+def config_rows(out):
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if line.startswith("│") and cells[0]:
+            rows[cells[0]] = cells
+    return rows
+
+
+@pytest.mark.parametrize(("args", "key", "value", "layer", "meaning"), [
+    ([], "topk", "[10, 20, 50]", "overall", "cut-offs of every reported metric"),
+    ([], "stopping_bpr_below", "0.6", "model", "count patience only once"),
+    ([], "knn_k", "10", "model", "neighbours per item in the modality graphs"),
+    (["--data", "baby"], "n_mm_layers", "2", "best", "propagation steps on the modality kNN graphs"),
+    (["--data", "baby", "--no-best"], "n_mm_layers", "1", "model", "propagation steps"),
+    (["--set", "topk=5,10"], "topk", "[5, 10]", "set", "cut-offs"),
+    (["--set", "recon=0.5"], "recon", "0.5", "set", "weight of the reconstruction loss"),
+])
+def test_config_show_lists_keys_with_value_layer_and_meaning(capsys, args, key, value, layer, meaning):
+    extra = ["--set", "valid_metric=recall@10"] if "topk=5,10" in args else []
+    code, out, err = run_cli(["config", "show", "--model", "DGMRec", *args, *extra], capsys)
+    assert code == 0, err
+    row = config_rows(out)[key]
+    assert row[1:3] == [value, layer] and row[3].startswith(meaning)
+
+
+def test_config_show_covers_every_key_with_a_meaning(capsys):
+    from dgmrec.config import resolve_config
+
+    for model in ("DGMRec", "LightGCN", "BM3"):
+        code, out, _ = run_cli(["config", "show", "--model", model], capsys)
+        rows = config_rows(out)
+        assert code == 0 and set(rows) == set(resolve_config(model, "")[0])
+        assert all(r[3] for r in rows.values()), [k for k, r in rows.items() if not r[3]]
+
+
+def test_config_show_with_a_config_file_and_a_folder(tiny, tmp_path, capsys):
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text("learning_rate: 0.01\n")
+    code, out, _ = run_cli(["config", "show", "--model", "LightGCN", "--data", str(tiny), "--config", str(cfg)],
+                           capsys)
+    assert code == 0
+    assert config_rows(out)["learning_rate"][1:3] == ["0.01", "file"]
+    assert "note: topk [10, 20, 50] -> [10]" in out  # the folder's 20 items
+    bad(capsys, ["config", "show", "--model", "LightGCN", "--data", "nowhere"], "--data: not a dataset folder")
+
+
+def test_models_lists_a_description_and_needs_per_model(capsys):
+    from dgmrec.models import available_models, get_model_class
+
+    code, out, _ = run_cli(["models"], capsys)
+    assert code == 0
+    rows = {r[0]: r for r in config_rows(out).values()}
+    assert set(rows) == set(available_models())
+    for name in available_models():
+        cls = get_model_class(name)
+        assert cls.summary and cls.summary.split()[0] in rows[name][4]
+    assert rows["LightGCN"][1:4] == ["none", "no", "no"]
+    assert rows["DGMRec"][1:4] == ["2+ modalities", "yes", "yes"]
+
+
+def test_version_matches_the_package_metadata(capsys):
+    from pathlib import Path
+
+    import tomllib
+
+    version = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0 and out.strip() == f"dgmrec {version}"
+
+
+@pytest.mark.parametrize("command", [["train"], ["recommend"], ["demo"], ["config", "show"], ["data", "check"],
+                                     []])
+def test_help_shows_flags_without_a_value(capsys, command):
+    code, out, _ = run_cli([*command, "--help"], capsys)
+    assert code == 0 and "--help" in out
+    assert "<bool>" not in out and "BOOLEAN" not in out

@@ -44,7 +44,8 @@ def test_evaluations_before_the_model_fits_do_not_use_patience():
 
 def _run(ds, tmp_path, **overrides):
     cfg, _ = resolve_config("MFBPR", ds.name, overrides={"epochs": 12, "eval_step": 1, "stopping_step": 0,
-                                                         "learning_rate": 0.05, **overrides})
+                                                         "stopping_min_steps": 0, "learning_rate": 0.05,
+                                                         **overrides})
     make_trainer("MFBPR", ds, cfg, tmp_path).fit()
     res = json.loads((tmp_path / "results.json").read_text())
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]

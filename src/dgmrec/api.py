@@ -4,6 +4,9 @@
 >>> ds = dgmrec.load_dataset("synthetic")
 >>> result = dgmrec.train("DGMRec", ds, out="runs/demo", overrides={"epochs": 5})
 >>> recs = dgmrec.recommend("runs/demo", k=10)
+
+Datasets with id maps (``user_ids.csv`` / ``item_ids.csv``) speak original ids: ``recommend`` takes and returns
+them (``ids="internal"`` for the internal indices), ``generate`` writes the maps beside the features.
 """
 
 from __future__ import annotations
@@ -17,18 +20,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dgmrec.config import resolve_config
+from dgmrec.config import ConfigEntry, fit_cutoffs, resolve_config
+from dgmrec.config import explain_config as _explain
 from dgmrec.data.dataset import RecDataset
-from dgmrec.data.mmrec import write_mmrec
+from dgmrec.data.mmrec import ITEM_IDS_NAME, read_id_map, write_mmrec
 from dgmrec.data.spec import SYNTHETIC, DatasetSpec
 from dgmrec.errors import DataError, InputError
 from dgmrec.models import build_model, canonical_name
 from dgmrec.models.base import Recommender
 from dgmrec.training.checkpoint import check_fingerprint, load_checkpoint
-from dgmrec.training.trainer import Trainer, resolve_device, seed_everything
+from dgmrec.training.trainer import Trainer, clear_run, holds_run, resolve_device, seed_everything
 
-__all__ = ["SYNTHETIC", "DatasetSpec", "LoadedRun", "generate", "load_dataset", "load_run", "recommend", "retrieval",
-           "train"]
+__all__ = ["SYNTHETIC", "ConfigView", "DatasetSpec", "LoadedRun", "explain_config", "generate", "load_dataset",
+           "load_run", "recommend", "retrieval", "train"]
 
 
 def dataset_spec(
@@ -77,13 +81,20 @@ def train(
     mask_letters: str | None = None,
     setting: str = "missing",
     use_best: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` and write the run directory; returns the content of ``results.json``.
 
     ``data`` is a loaded dataset (recorded as :meth:`DatasetSpec.of_dataset`), a spec, or a folder /
     ``"synthetic"`` with the dataset options. ``resume`` continues the run in ``out`` (an error if it has no
-    checkpoint).
+    checkpoint). A directory that already holds a run (``results.json`` or ``checkpoint.pt``) is an error
+    unless ``resume`` or ``overwrite``; ``overwrite`` removes that run's files (once the configuration has
+    been checked) and trains afresh.
     """
+    if resume and overwrite:
+        raise InputError("use --resume or --overwrite, not both", source="--out")
+    if holds_run(out) and not (resume or overwrite):
+        raise InputError(f"{out} already holds a run; use --resume or --overwrite", source="--out")
     name = canonical_name(model)
     if isinstance(data, RecDataset):
         if modalities or mask or mask_letters or setting != "missing":
@@ -99,9 +110,53 @@ def train(
     dev = resolve_device(device)
     seed_everything(int(cfg["seed"]))
     net = build_model(name, ds, cfg, dev)
+    if overwrite:
+        clear_run(out)
     trainer = Trainer(net, ds, cfg, out, spec=spec.resolved(), run_info={"config_layers": layers, "model": name},
                       progress=progress)
     return trainer.fit(resume=resume).results
+
+
+@dataclass
+class ConfigView:
+    """What ``dgmrec config show`` prints: the resolved keys of ``model`` on ``dataset`` and notes."""
+
+    model: str
+    dataset: str
+    layers: list[str]
+    entries: list[ConfigEntry]
+    notes: list[str]
+
+
+def dataset_name(data: str | Path) -> tuple[str, RecDataset | None]:
+    """The name that selects shipped configurations for ``data``, and the dataset when ``data`` is one: a
+    folder (its ``.inter`` stem), ``synthetic``, or the name of a dataset with shipped configurations."""
+    text = str(data)
+    if text.startswith("synthetic") or Path(text).is_dir():
+        ds = DatasetSpec(text).load()
+        return ds.name, ds
+    from dgmrec.config import shipped_dataset_names
+
+    names = shipped_dataset_names()
+    if text in names:
+        return text, None
+    raise DataError(f"not a dataset folder, synthetic, or a dataset with shipped configurations "
+                    f"({', '.join(names)})", source="--data")
+
+
+def explain_config(model: str, data: str | Path | None = None, *, config_file: str | Path | None = None,
+                   overrides: Mapping[str, Any] | None = None, use_best: bool = True) -> ConfigView:
+    """Every configuration key of ``model`` (on ``data``, see :func:`dataset_name`) with its value, layer and
+    meaning; with a dataset at hand, the cut-offs its catalogue cannot measure are noted
+    (:func:`dgmrec.config.fit_cutoffs`)."""
+    name = canonical_name(model)
+    dataset, ds = dataset_name(data) if data is not None else ("", None)
+    entries = _explain(name, dataset, file=config_file, overrides=overrides, use_best=use_best)
+    _, layers = resolve_config(name, dataset, file=config_file, overrides=overrides, use_best=use_best)
+    notes: list[str] = []
+    if ds is not None:
+        _, notes = fit_cutoffs({e.key: e.value for e in entries}, ds.n_items)
+    return ConfigView(model=name, dataset=dataset, layers=layers, entries=entries, notes=notes)
 
 
 @dataclass
@@ -155,26 +210,32 @@ def load_run(run_dir: str | Path, device: str | None = "cpu",
     return LoadedRun(model=model, dataset=ds, config=cfg, run=run, spec=spec)
 
 
-def recommend(run: str | Path | LoadedRun, k: int = 10, users: Sequence[int] | None = None,
-              exclude: str = "seen", device: str | None = "cpu") -> pd.DataFrame:
+def recommend(run: str | Path | LoadedRun, k: int = 10, users: Sequence[str | int] | None = None,
+              exclude: str = "seen", device: str | None = "cpu", ids: str = "raw") -> pd.DataFrame:
     """Top-``k`` recommendations as a table ``user, rank, item, score``.
 
-    ``exclude="train"`` masks the user's training items only (the evaluation protocol); ``"seen"`` masks every
-    item of the user in any split.
+    ``ids="raw"`` (default): where the dataset has id maps (``user_ids.csv`` / ``item_ids.csv``), ``users`` are
+    original user ids and the ``user`` and ``item`` columns hold original ids; ``ids="internal"``: internal
+    indices in and out. An unknown user is a :class:`DataError` naming it. ``exclude="train"`` masks the user's
+    training items only (the evaluation protocol); ``"seen"`` masks every item of the user in any split;
+    excluded items are never listed (a user with fewer than ``k`` other items gets fewer rows).
     """
     from dgmrec.evaluation.protocol import rank_items
 
+    if ids not in ("raw", "internal"):
+        raise InputError(f"unknown ids {ids!r}; use raw or internal", source="ids")
     lr = run if isinstance(run, LoadedRun) else load_run(run, device)
     ds = lr.dataset
+    raw = ids == "raw"
     if k < 1:
         raise InputError("k must be at least 1", source="--k")
     if users is None:
         users_arr = np.arange(ds.n_users)
     else:
-        users_arr = np.asarray(list(users), dtype=np.int64)
-        bad = users_arr[(users_arr < 0) | (users_arr >= ds.n_users)]
-        if len(bad):
-            raise DataError(f"user id {bad[0]} out of range 0..{ds.n_users - 1}", source="--users")
+        wanted = list(users)
+        if not wanted:
+            raise InputError("no users given", source="--users")
+        users_arr = ds.user_index(wanted, source="--users", original=raw)
     if exclude == "train":
         mask = ds.train_matrix()
     elif exclude == "seen":
@@ -193,16 +254,23 @@ def recommend(run: str | Path | LoadedRun, k: int = 10, users: Sequence[int] | N
         top, scores = rank_items(model.score_users, users_arr, mask, min(k, ds.n_items),
                                  int(lr.config.get("eval_batch_size", 4096)), model.device)
     kk = top.shape[1]
+    user_col = np.repeat(users_arr, kk)
+    item_col = top.ravel()
+    rank_col = np.tile(np.arange(1, kk + 1), len(users_arr))
+    keep = np.ones(len(item_col), dtype=bool)
+    if mask is not None:  # a k beyond the user's unseen items reaches the excluded ones: leave them out
+        keep = ~(np.asarray(mask[user_col, item_col]).ravel() > 0)
     return pd.DataFrame({
-        "user": np.repeat(users_arr, kk),
-        "rank": np.tile(np.arange(1, kk + 1), len(users_arr)),
-        "item": top.ravel(),
-        "score": scores.ravel(),
+        "user": (ds.user_labels(user_col) if raw else user_col)[keep],
+        "rank": rank_col[keep],
+        "item": (ds.item_labels(item_col) if raw else item_col)[keep],
+        "score": scores.ravel()[keep],
     })
 
 
 def generate(run: str | Path | LoadedRun, out: str | Path, device: str | None = "cpu") -> Path:
-    """Write every modality's completed feature matrix (generated rows for missing items) and the mask."""
+    """Write every modality's completed feature matrix (generated rows for missing items), the mask and, when
+    the dataset has them, the id maps (an MMRec folder)."""
     lr = run if isinstance(run, LoadedRun) else load_run(run, device)
     completed = lr.model.completed_features()
     if completed is None:
@@ -237,10 +305,29 @@ def retrieval(run: str | Path | LoadedRun, truth: str | Path | None = None, *, n
     if gen is None:
         raise InputError(f"model {lr.model.name} does not generate features", source="--run")
     ds = lr.dataset
-    true_features = (load_truth(truth, ds.modalities, ds.n_items) if truth is not None
-                     else {m: np.asarray(ds.features[m]) for m in ds.modalities})
-    return cross_modal_retrieval({m: v.detach().cpu().numpy() for m, v in gen.items()}, ds.observed,
-                                 ds.modalities, true_features, nn_k=nn_k, similarity=similarity,
-                                 strategies=IMPUTATIONS, train=ds.train_matrix(), reference_items=reference_items(ds),
-                                 imputation_steps=int(lr.config.get("imputation_steps", 5)),
-                                 scaling=str(lr.config.get("feature_scaling", "none")))
+    if truth is not None:
+        true_features = load_truth(truth, ds.modalities, ds.n_items)
+        order = _truth_order(Path(truth), ds)
+        if order is not None:
+            true_features = {m: x[order] for m, x in true_features.items()}
+    else:
+        true_features = {m: np.asarray(ds.features[m]) for m in ds.modalities}
+    res = cross_modal_retrieval({m: v.detach().cpu().numpy() for m, v in gen.items()}, ds.observed,
+                                ds.modalities, true_features, nn_k=nn_k, similarity=similarity,
+                                strategies=IMPUTATIONS, train=ds.train_matrix(), reference_items=reference_items(ds),
+                                imputation_steps=int(lr.config.get("imputation_steps", 5)),
+                                scaling=str(lr.config.get("feature_scaling", "none")))
+    res["missing_items"] = {m: ds.item_labels(np.flatnonzero(~ds.observed[:, j])).tolist()
+                            for j, m in enumerate(ds.modalities)}
+    return res
+
+
+def _truth_order(folder: Path, ds: RecDataset) -> np.ndarray | None:
+    """Rows of the truth folder in the order of the run's items, when both carry item id maps (None: as is)."""
+    truth_ids = read_id_map(folder / ITEM_IDS_NAME, "itemID")
+    if truth_ids is None or ds.item_ids is None:
+        return None
+    if sorted(truth_ids) != sorted(ds.item_ids):
+        raise DataError("its items are not the run's items (item_ids.csv differs)", source=str(folder))
+    position = {v: i for i, v in enumerate(truth_ids)}
+    return np.asarray([position[v] for v in ds.item_ids], dtype=np.int64)

@@ -15,15 +15,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dgmrec import api
+from dgmrec import __version__, api
 from dgmrec.cli_study import study_app
+from dgmrec.data.dataset import RecDataset
 from dgmrec.errors import DataError, InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multimodal recommendation with missing modalities (DGMRec and baselines).")
-data_app = typer.Typer(no_args_is_help=True, help="Validate datasets and generate masks and splits.")
+data_app = typer.Typer(no_args_is_help=True, help="Validate datasets, generate masks and splits, write the example "
+                                                    "catalogue.")
 app.add_typer(data_app, name="data")
 app.add_typer(study_app, name="study")
+config_app = typer.Typer(no_args_is_help=True, help="Show the configuration a training run would use.")
+app.add_typer(config_app, name="config")
 # piped output is not cut at 80 columns (tables would lose digits)
 console = Console() if sys.stdout.isatty() else Console(width=160)
 
@@ -38,19 +42,33 @@ SettingOpt = Annotated[str, typer.Option("--setting", help="missing or new-items
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
 
 
-def _metrics_table(title: str, rows: dict[str, dict[str, float]], ks: list[int] | None = None,
-                   metrics: tuple[str, ...] = ("recall", "ndcg")) -> Table:
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"dgmrec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                                callback=_print_version)] = False) -> None:
+    """Multimodal recommendation with missing modalities (DGMRec and baselines)."""
+
+
+def _metrics_table(title: str, rows: dict[str, dict[str, float]], *, row_header: str = "split",
+                   ks: list[int] | None = None, metrics: list[str] | None = None) -> Table:
+    """One row per (row, cut-off), one column per metric: every metric@K the rows hold (or those asked for)."""
+    present = [k for r in rows.values() for k in r if "@" in k]
+    names = metrics or list(dict.fromkeys(k.split("@")[0] for k in present))
+    cutoffs = ks or sorted({int(k.split("@")[1]) for k in present})
     table = Table(title=title)
-    table.add_column("split / model")
-    keys: list[str] = []
-    for r in rows.values():
-        keys = sorted((k for k in r if k.split("@")[0] in metrics and (ks is None or int(k.split("@")[1]) in ks)),
-                      key=lambda k: (metrics.index(k.split("@")[0]), int(k.split("@")[1])))
-        break
-    for k in keys:
-        table.add_column(k, justify="right")
-    for name, r in rows.items():
-        table.add_row(name, *[f"{r.get(k, float('nan')):.4f}" for k in keys])
+    table.add_column(row_header)
+    table.add_column("K", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for label, r in rows.items():
+        for i, k in enumerate(cutoffs):
+            table.add_row(label, str(k), *[f"{r[f'{m}@{k}']:.4f}" if f"{m}@{k}" in r else "–" for m in names],
+                          end_section=i == len(cutoffs) - 1)
     return table
 
 
@@ -68,52 +86,97 @@ def train(
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default: config seed, 999).")] = None,
     device: DeviceOpt = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out.")] = False,
     no_best: Annotated[bool, typer.Option("--no-best", help="Ignore the shipped per-dataset best config.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Train a model, evaluate it with the full-ranking protocol and write RUN_DIR/results.json."""
+    """Train a model, evaluate it with the full-ranking protocol and write RUN_DIR/results.json and curves.png.
+
+    An --out that already holds a run is refused unless --resume (continue it) or --overwrite (replace it).
+    """
     from dgmrec.config import parse_set
 
     spec = api.DatasetSpec(data, modalities=modalities, mask=mask, mask_letters=mask_letters, setting=setting)
     results = api.train(model, spec, out=out, config_file=config, overrides=parse_set(set_ or []), seed=seed,
-                        device=device, resume=resume, progress=not quiet, use_best=not no_best)
+                        device=device, resume=resume, overwrite=overwrite, progress=not quiet,
+                        use_best=not no_best)
     rows = {"valid": results["valid"], "test": results["test"]}
     if "test_new_items" in results:
-        rows["test (new items only)"] = results["test_new_items"]
-    console.print(_metrics_table(f"{results['model']} on {results['dataset']} (best epoch {results['best_epoch']}, "
-                                 f"{results['epochs_run']} epochs, {results['seconds_per_epoch']:.2f} s/epoch)",
-                                 rows))
-    console.print(f"results: {Path(out) / 'results.json'}")
+        rows["test (new items)"] = results["test_new_items"]
+    stopped = ", stopped early" if results["early_stopped"] else ""
+    console.print(_metrics_table(
+        f"{results['model']} on {results['dataset']}: best epoch {results['best_epoch']} of "
+        f"{results['epochs_run']}{stopped}",
+        rows, ks=[int(k) for k in results["config"]["topk"]], metrics=list(results["config"]["metrics"])))
+    console.print(f"results: {Path(out) / 'results.json'} ({results['seconds_per_epoch']:.2f} s/epoch)",
+                  soft_wrap=True)
+    console.print(f"curves:  {Path(out) / 'curves.png'}", soft_wrap=True)
 
 
-def _read_users(path: Path) -> list[int]:
+_HEADER_NAMES = {"user", "users", "userid", "user_id", "original_id", "id"}
+
+
+def _users_option(value: str, ds: RecDataset, original: bool) -> list[str]:
+    """The users of ``--users``: a file with one id per line (first CSV column; a header line such as
+    ``user`` or ``original_id`` is skipped) or an inline comma-separated list. Unknown ids are errors."""
+    path = Path(value)
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read users file ({exc})", source=str(path)) from None
+        tokens = [line.split(",")[0].strip() for line in lines]
+        tokens = [t for t in tokens if t]
+        if tokens and tokens[0].lower() in _HEADER_NAMES:
+            try:
+                ds.user_index(tokens[:1], original=original)
+            except DataError:
+                tokens = tokens[1:]  # a header line, not a user
+        if not tokens:
+            raise DataError("no user ids in the file", source=str(path))
+        try:
+            ds.user_index(tokens, source=str(path), original=original)
+        except DataError as exc:
+            raise DataError(str(exc).removeprefix(f"{path}: "), source=f"--users {path}") from None
+        return tokens
+    tokens = [t.strip() for t in value.split(",") if t.strip()]
+    if not tokens:
+        raise InputError("no user ids given", source="--users")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read users file ({exc})", source=str(path)) from None
-    users = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        tok = line.strip().split(",")[0].strip()
-        if not tok or (lineno == 1 and not tok.lstrip("-").isdigit()):
-            continue  # blank line or header
-        if not tok.lstrip("-").isdigit():
-            raise DataError(f"line {lineno}: {tok!r} is not an integer user id", source=str(path))
-        users.append(int(tok))
-    return users
+        ds.user_index(tokens, source="--users", original=original)
+    except DataError as exc:
+        if len(tokens) == 1 and ("/" in tokens[0] or Path(tokens[0]).suffix):  # a file name with a typo?
+            raise DataError(f"{str(exc).removeprefix('--users: ')}, and no file of that name",
+                            source="--users") from None
+        raise
+    return tokens
 
 
 @app.command()
 def recommend(
     run: Annotated[Path, typer.Option("--run", help="Run directory written by `dgmrec train`.")],
     k: Annotated[int, typer.Option("--k", help="Items per user.")] = 10,
-    users: Annotated[Path | None, typer.Option("--users", help="File with one user id per line.")] = None,
+    users: Annotated[str | None, typer.Option(
+        "--users", help="Users to recommend to: comma-separated ids (user_0,user_7) or a file with one id per "
+                        "line [default: every user].")] = None,
     exclude: Annotated[str, typer.Option("--exclude",
                                          help="train (the protocol's mask), seen (any split) or none.")] = "seen",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV file to write [default: print].")] = None,
+    internal_ids: Annotated[bool, typer.Option(
+        "--internal-ids", help="Users and items as internal indices instead of the dataset's original ids.")] = False,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Print top-K recommendations as CSV: user,rank,item,score."""
-    table = api.recommend(run, k=k, users=_read_users(users) if users else None, exclude=exclude, device=device)
-    table.to_csv(sys.stdout, index=False, float_format="%.6f")
+    """Top-K recommendations as CSV user,rank,item,score, in the dataset's original ids where it has id maps
+    (user_ids.csv / item_ids.csv)."""
+    lr = api.load_run(run, device)
+    chosen = _users_option(users, lr.dataset, not internal_ids) if users is not None else None
+    table = api.recommend(lr, k=k, users=chosen, exclude=exclude, ids="internal" if internal_ids else "raw")
+    if out is None:
+        table.to_csv(sys.stdout, index=False, float_format="%.6f")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False, float_format="%.6f")
+    console.print(f"{len(table)} recommendations for {table['user'].nunique()} users written to {out}")
 
 
 @app.command()
@@ -122,7 +185,7 @@ def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (MMRec format).")],
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Write every modality's completed features (generated rows for missing items) and the mask."""
+    """Write every modality's completed features (generated rows for missing items), the mask and the id maps."""
     folder = api.generate(run, out, device=device)
     console.print(f"completed features written to {folder}")
 
@@ -166,11 +229,20 @@ def retrieval(
 
 @app.command()
 def models() -> None:
-    """List the available models."""
-    from dgmrec.models import available_models
+    """List the models: what each is and what it needs (features), handles (missing modalities) or writes."""
+    from dgmrec.models import available_models, get_model_class
 
+    table = Table(title="models (train with --model NAME; options: dgmrec config show --model NAME)")
+    for col in ("model", "item features", "missing-aware", "generates features", "description"):
+        table.add_column(col)
     for name in available_models():
-        console.print(name)
+        cls = get_model_class(name)
+        needs = f"{max(1, cls.min_modalities)}+ modalities" if cls.uses_features else "none"
+        table.add_row(name, needs, "yes" if cls.missing_aware else "no", "yes" if cls.generates else "no",
+                      cls.summary)
+    console.print(table)
+    console.print("missing-aware: uses which modalities are missing beyond filling them in (graphs, losses or "
+                  "generation); generates features: `dgmrec generate` writes completed feature files")
 
 
 @app.command()
@@ -192,10 +264,11 @@ def demo(
     for name in ("DGMRec", "LightGCN", "MFBPR"):
         extra_options = generation if name == "DGMRec" else {}
         res = api.train(name, ds, out=out / name, overrides={"epochs": epochs, "eval_step": 5, **extra_options},
-                        device=device, progress=True)
+                        device=device, progress=True, overwrite=True)
         rows[name] = res["test"]
         extra[name] = {"best_epoch": res["best_epoch"], "seconds_per_epoch": res["seconds_per_epoch"]}
-    console.print(_metrics_table("Test metrics on the synthetic dataset (full ranking)", rows, ks=[10, 20]))
+    console.print(_metrics_table("Test metrics on the synthetic dataset (full ranking)", rows, row_header="model",
+                                 ks=[10, 20]))
     ret = api.retrieval(out / "DGMRec", device=device)
     one = ret["by_missing_level"].get("1", {})
     every = ret["by_missing_level"].get(str(len(ds.modalities)), {})
@@ -208,7 +281,37 @@ def demo(
     console.print(f"runs and summary written to {out}")
 
 
-# ------------------------------------------------------------------------------------------------ data
+# ---------------------------------------------------------------------------------------------- config
+@config_app.command("show")
+def config_show(
+    model: ModelOpt,
+    data: Annotated[str | None, typer.Option(
+        "--data", "-d", help="Dataset folder, 'synthetic', or a dataset name (baby, tiktok, ...): adds the "
+                             "dataset's and the best layers.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML configuration file.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override (repeatable).")] = None,
+    no_best: Annotated[bool, typer.Option("--no-best", help="Ignore the shipped per-dataset best config.")] = False,
+) -> None:
+    """Every configuration key of a model: its resolved value, the layer that set it and what it means.
+
+    Layers, later ones winning: overall < dataset < model < best < file (--config) < set (--set).
+    """
+    from dgmrec.config import parse_set
+
+    shown = api.explain_config(model, data, config_file=config, overrides=parse_set(set_ or []),
+                               use_best=not no_best)
+    table = Table(title=f"configuration of {shown.model}" + (f" on {shown.dataset}" if shown.dataset else "")
+                  + f" (layers used: {', '.join(shown.layers)})")
+    for col in ("key", "value", "layer", "meaning"):
+        table.add_column(col, overflow="fold")
+    for e in shown.entries:
+        value = json.dumps(e.value) if isinstance(e.value, list | bool) or e.value is None else str(e.value)
+        table.add_row(e.key, value, e.layer, e.meaning)
+    console.print(table)
+    for note in shown.notes:
+        console.print(f"note: {note}")
+
+
 @app.command()
 def serve(
     run: Annotated[Path, typer.Option("--run", help="Run directory written by `dgmrec train`.")],
@@ -250,6 +353,22 @@ def serve(
         raise InputError("must be positive", source="--max-body-mb")
     run_server(run, host=host, port=port, ann_above=ann_above, max_body_bytes=int(max_body_mb * 1024 * 1024),
                device=device)
+
+
+# ------------------------------------------------------------------------------------------------ data
+@data_app.command("example")
+def data_example(
+    out: Annotated[Path, typer.Argument(help="Folder to write (created).")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the drawing.")] = 0,
+) -> None:
+    """Write a small raw shop catalogue: interactions.csv (string ids), items.csv (descriptions, some empty),
+    images/*.png (some items without), some-users.txt. Input for `dgmrec dataset build` (docs/own-catalogue.md)."""
+    from dgmrec.data.example import write_example_catalogue
+
+    cat = write_example_catalogue(out, seed=seed)
+    console.print(f"wrote {cat.interactions} ({cat.n_interactions} interactions of {cat.n_users} users), "
+                  f"{cat.items} ({cat.n_items} items; empty descriptions: {', '.join(cat.empty_descriptions)}) "
+                  f"and {cat.images}/ (no image: {', '.join(cat.without_image)}); {cat.users} lists three users")
 
 
 @data_app.command("check")
@@ -379,11 +498,41 @@ def _usage_line(exc: BaseException) -> str:
     return f"error: {where}: {message}"
 
 
+def _flags_take_no_value(command: Any) -> Any:
+    """Give every flag of ``command`` and its subcommands (``--help`` included) an empty metavar, so that help
+    lists ``--resume`` rather than ``--resume <bool>`` (recent typer releases print the type of flags)."""
+    ctx = command.context_class(command) if hasattr(command, "context_class") else None
+    help_option = command.get_help_option(ctx) if ctx is not None and hasattr(command, "get_help_option") else None
+    for param in [*command.params, *([help_option] if help_option is not None else [])]:
+        if getattr(param, "is_flag", False) and getattr(param, "metavar", None) is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _flags_take_no_value(sub)
+    return command
+
+
+def _log_to_stderr() -> None:
+    """Notes of the library (``logging.getLogger("dgmrec")``) go to stderr as they are."""
+    import logging
+
+    class StderrHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            print(self.format(record), file=sys.stderr)  # the current stderr, also when it was replaced
+
+    logger = logging.getLogger("dgmrec")
+    if not logger.handlers:
+        logger.addHandler(StderrHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning bad input and usage errors into one line on stderr and exit code 2."""
     usage_errors = _usage_error_types()
+    _log_to_stderr()
     try:
-        code = app(args=argv, standalone_mode=False, prog_name="dgmrec")
+        command = _flags_take_no_value(typer.main.get_command(app))
+        code = command(args=argv, standalone_mode=False, prog_name="dgmrec")
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

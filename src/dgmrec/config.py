@@ -41,6 +41,7 @@ RANGES: dict[str, str] = {
     "eval_step": "[1, inf)",
     "stopping_step": "[0, inf)",
     "stopping_bpr_below": "[0, inf)",
+    "stopping_min_steps": "[0, inf)",
     "topk": "[1, inf)",
     "embedding_size": "[1, inf)",
     "imputation_k": "[1, inf)",
@@ -140,6 +141,14 @@ def shipped(kind: str, name: str) -> dict[str, Any]:
     return _read_yaml(path) if path.is_file() else {}
 
 
+def shipped_dataset_names() -> list[str]:
+    """Datasets with a shipped configuration layer (``datasets/<name>.yaml`` or ``best/<Model>_<name>.yaml``)."""
+    root = _config_dir()
+    names = {p.stem for p in (root / "datasets").glob("*.yaml")}
+    names |= {p.stem.split("_", 1)[1] for p in (root / "best").glob("*_*.yaml")}
+    return sorted(names)
+
+
 def parse_set(items: Iterable[str]) -> dict[str, Any]:
     """Parse ``key=value`` strings; values are YAML literals (``0.1``, ``[10, 20]``, ``true``, ``name``)."""
     out: dict[str, Any] = {}
@@ -153,6 +162,15 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             out[key] = raw
     return out
+
+
+def _scalar(text: str) -> Any:
+    """One element of a comma list: a YAML scalar (``5``, ``0.1``, ``recall``), never a nested structure."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text.strip()
+    return value if isinstance(value, int | float | str | bool) else text.strip()
 
 
 def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
@@ -177,6 +195,10 @@ def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
             raise ConfigError(f"key '{key}' must be a string, got {value!r}", source=source)
         return value
     if isinstance(default, list):
+        if isinstance(value, str) and value.strip():  # "5,10" on the command line: a comma list
+            value = [_scalar(v) for v in value.split(",")]
+        elif not isinstance(value, list) and isinstance(value, int | float | str) and not isinstance(value, bool):
+            value = [value]  # one element: topk=20
         if not isinstance(value, list):
             raise ConfigError(f"key '{key}' must be a list, got {value!r}", source=source)
         kinds = {type(v) for v in default}
@@ -226,6 +248,68 @@ def _check_valid_metric(config: Mapping[str, Any], source: str) -> None:
                           f"{metric!r}", source=source)
 
 
+LAYER_KINDS = ("overall", "dataset", "model", "best", "file", "set")
+
+
+def _model_defaults(model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's shipped defaults and its named presets (the YAML's ``presets`` mapping, not a key)."""
+    defaults = shipped("models", model)
+    presets = defaults.pop("presets", None) or {}
+    return defaults, presets
+
+
+def _layers(model: str, dataset: str, file: str | Path | None, overrides: Mapping[str, Any] | None,
+            use_best: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(kind, source, values)`` of every configuration layer that applies, lowest first.
+
+    A chosen preset (the last layer that sets ``preset`` wins) forms a layer right after the shipped ones.
+    """
+    defaults, presets = _model_defaults(model)
+    layers: list[tuple[str, str, dict[str, Any]]] = [("overall", "overall", shipped("overall", ""))]
+    ds_layer = shipped("datasets", dataset)
+    if ds_layer:
+        layers.append(("dataset", f"datasets/{dataset}", ds_layer))
+    layers.append(("model", f"models/{model}", defaults))
+    if use_best:
+        best = shipped("best", f"{model}_{dataset}")
+        if best:
+            layers.append(("best", f"best/{model}_{dataset}", best))
+    user: list[tuple[str, str, dict[str, Any]]] = []
+    if file is not None:
+        user.append(("file", str(file), _read_yaml(Path(file))))
+    if overrides:
+        user.append(("set", "--set", dict(overrides)))
+    chosen = next((layer["preset"] for _, _, layer in reversed(layers + user) if "preset" in layer), None)
+    if presets and chosen is not None:
+        if not isinstance(chosen, str) or chosen not in presets:
+            raise ConfigError(f"key 'preset' must be one of {', '.join(presets)}, got {chosen!r}", source="preset")
+        layers.append(("preset", f"models/{model} presets.{chosen}", dict(presets[chosen] or {})))
+    return layers + user
+
+
+def _resolve(model: str, dataset: str, file: str | Path | None, overrides: Mapping[str, Any] | None,
+             use_best: bool) -> tuple[dict[str, Any], dict[str, tuple[str, str]], list[str]]:
+    """The resolved configuration, each key's ``(layer kind, layer source)`` and the sources used."""
+    allowed: dict[str, Any] = {**shipped("overall", ""), **_model_defaults(model)[0]}
+    config: dict[str, Any] = {}
+    origin: dict[str, tuple[str, str]] = {}
+    used: list[str] = []
+    for kind, source, layer in _layers(model, dataset, file, overrides, use_best):
+        for key, value in layer.items():
+            if key not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise ConfigError(f"unknown configuration key '{key}' for model {model} (known keys: {known})",
+                                  source=source)
+            config[key] = _check_type(key, value, allowed[key], source)
+            _check_range(key, config[key], model, source)
+            origin[key] = (kind, source)
+        used.append(source)
+    # valid_metric depends on topk and metrics: blame the layer that set the last of the three
+    last = max((used.index(origin[k][1]) for k in ("valid_metric", "topk", "metrics") if k in origin), default=0)
+    _check_valid_metric(config, used[last] if used else "configuration")
+    return config, origin, used
+
+
 def resolve_config(
     model: str,
     dataset: str,
@@ -235,44 +319,113 @@ def resolve_config(
     use_best: bool = True,
 ) -> tuple[dict[str, Any], list[str]]:
     """Resolve the configuration of ``model`` on ``dataset``; returns ``(config, layers used)``."""
-    overall = shipped("overall", "")
-    model_defaults = shipped("models", model)
-    presets = model_defaults.pop("presets", None) or {}
-    allowed: dict[str, Any] = {**overall, **model_defaults}
-    layers: list[tuple[str, dict[str, Any]]] = [("overall", overall)]
-    ds_layer = shipped("datasets", dataset)
-    if ds_layer:
-        layers.append((f"datasets/{dataset}", ds_layer))
-    layers.append((f"models/{model}", model_defaults))
-    if use_best:
-        best = shipped("best", f"{model}_{dataset}")
-        if best:
-            layers.append((f"best/{model}_{dataset}", best))
-    user: list[tuple[str, dict[str, Any]]] = []
-    if file is not None:
-        user.append((str(file), _read_yaml(Path(file))))
-    if overrides:
-        user.append(("--set", dict(overrides)))
-    chosen = next((layer["preset"] for _, layer in reversed(layers + user) if "preset" in layer), None)
-    if presets and chosen is not None:
-        if not isinstance(chosen, str) or chosen not in presets:
-            raise ConfigError(f"key 'preset' must be one of {', '.join(presets)}, got {chosen!r}", source="preset")
-        layers.append((f"models/{model} presets.{chosen}", dict(presets[chosen] or {})))
-    layers += user
-    config: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    used = []
-    for source, layer in layers:
-        for key, value in layer.items():
-            if key not in allowed:
-                known = ", ".join(sorted(allowed))
-                raise ConfigError(f"unknown configuration key '{key}' for model {model} (known keys: {known})",
-                                  source=source)
-            config[key] = _check_type(key, value, allowed[key], source)
-            _check_range(key, config[key], model, source)
-            origin[key] = source
-        used.append(source)
-    # valid_metric depends on topk and metrics: blame the layer that set the last of the three
-    last = max((used.index(origin[k]) for k in ("valid_metric", "topk", "metrics") if k in origin), default=0)
-    _check_valid_metric(config, used[last] if used else "configuration")
+    config, _, used = _resolve(model, dataset, file, overrides, use_best)
     return config, used
+
+
+# --------------------------------------------------------------------------------------- explanations
+_KEY_LINE = re.compile(r"^([A-Za-z_][\w.]*)\s*:(.*)$")
+
+
+def yaml_comments(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The comments that describe the top-level keys of a shipped YAML file: ``(trailing, above)``.
+
+    ``trailing`` maps a key to its trailing comment (``key: value  # meaning``); ``above`` maps a key to the
+    block of full-line comments directly above it (the file's opening comment block excepted).
+    """
+    trailing: dict[str, str] = {}
+    above: dict[str, str] = {}
+    if not path.is_file():
+        return trailing, above
+    block: list[str] = []
+    header = True  # the comment lines that open the file describe the file, not its first key
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            if not header:
+                block.append(stripped.lstrip("#").strip())
+            continue
+        if not stripped:
+            block, header = [], False
+            continue
+        header = False
+        form = _KEY_LINE.match(line)
+        if form is not None:
+            _, sep, comment = _strip_comment(form.group(2))
+            if sep and comment:
+                trailing[form.group(1)] = comment
+            if block:
+                above[form.group(1)] = " ".join(block)
+        block = []
+    return trailing, above
+
+
+def _strip_comment(text: str) -> tuple[str, str, str]:
+    """Split ``value  # comment`` at the first ``#`` outside quotes that follows a space."""
+    quote = ""
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or text[i - 1].isspace()):
+            return text[:i].strip(), "#", text[i + 1:].strip()
+    return text.strip(), "", ""
+
+
+def key_meanings(model: str) -> dict[str, str]:
+    """Every configuration key of ``model`` with its one-line meaning: the trailing comment in the model's YAML,
+    else the one in ``overall.yaml``, else the comment block above the key (model's YAML first)."""
+    own_trailing, own_above = yaml_comments(_config_dir() / f"models/{model}.yaml")
+    base_trailing, base_above = yaml_comments(_config_dir() / "overall.yaml")
+    return {**base_above, **own_above, **base_trailing, **own_trailing}
+
+
+@dataclass(frozen=True)
+class ConfigEntry:
+    """One resolved key: value, the layer that set it (``overall``, ``dataset``, ``model``, ``best``, ``file``,
+    ``set``), that layer's file (or ``--set``) and the key's meaning."""
+
+    key: str
+    value: Any
+    layer: str
+    source: str
+    meaning: str
+
+
+def explain_config(
+    model: str,
+    dataset: str,
+    *,
+    file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    use_best: bool = True,
+) -> list[ConfigEntry]:
+    """Every key of the resolved configuration, in key order, with the layer it comes from and its meaning."""
+    config, origin, _ = _resolve(model, dataset, file, overrides, use_best)
+    meanings = key_meanings(model)
+    return [ConfigEntry(key, config[key], origin[key][0], origin[key][1], meanings.get(key, ""))
+            for key in sorted(config)]
+
+
+# ------------------------------------------------------------------------------------- small catalogues
+def fit_cutoffs(config: Mapping[str, Any], n_items: int) -> tuple[dict[str, Any], list[str]]:
+    """``config`` with the cut-offs a catalogue of ``n_items`` items can measure, and a note when any changed.
+
+    A cut-off ``K >= n_items`` puts every item in the list (recall and hit are 1 for every user), so it is
+    dropped from ``topk``; when none is left, ``topk`` becomes ``[max(1, n_items // 2)]``. ``valid_metric``
+    keeps its metric and moves to the largest remaining cut-off.
+    """
+    ks = [int(k) for k in config["topk"]]
+    keep = list(dict.fromkeys(k for k in ks if k < n_items)) or [max(1, n_items // 2)]
+    if keep == ks:
+        return dict(config), []
+    out = dict(config)
+    out["topk"] = keep
+    note = f"topk {ks} -> {keep}"
+    metric, _, k = str(config["valid_metric"]).partition("@")
+    if k.isdigit() and int(k) not in keep:
+        out["valid_metric"] = f"{metric}@{max(keep)}"
+        note += f" and valid_metric {config['valid_metric']} -> {out['valid_metric']}"
+    note += f": the catalogue has {n_items} items, and a cut-off at or above that ranks every item"
+    return out, [note]

@@ -2,11 +2,15 @@
 
 A :class:`RecDataset` holds contiguous integer ids, the three interaction splits, one raw feature matrix per
 modality (rows of unobserved items may hold the true feature, NaN, or anything: the ``observed`` mask is the
-only source of truth), the observed mask and, in the new-item setting, the set of new items.
+only source of truth), the observed mask and, in the new-item setting, the set of new items. A dataset may
+have no modality at all (models that use no features train on it), and may carry the original ids of its
+users and items (``user_ids.csv`` / ``item_ids.csv`` of a folder) to translate between them and the internal
+indices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -40,6 +44,8 @@ class RecDataset:
         ``"missing"`` or ``"new-items"``.
     test_new_only:
         In the new-item setting, the test pairs whose item is new (a second, harder test set).
+    user_ids, item_ids:
+        Optional ``(n_users,)`` / ``(n_items,)`` string arrays: the original id of each internal index.
     """
 
     name: str
@@ -54,6 +60,8 @@ class RecDataset:
     setting: str = "missing"
     test_new_only: np.ndarray | None = None
     source: str = ""
+    user_ids: np.ndarray | None = None
+    item_ids: np.ndarray | None = None
     _train_csr: sp.csr_matrix | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,8 +79,6 @@ class RecDataset:
                 raise DataError(f"{split} has user or item ids out of range", source=src)
         if self.setting not in SETTINGS:
             raise DataError(f"unknown setting {self.setting!r}; known: {', '.join(SETTINGS)}", source=src)
-        if len(self.features) < 1:
-            raise DataError("no modality features", source=src)
         if self.observed.shape != (self.n_items, len(self.features)):
             raise DataError(
                 f"observed mask has shape {self.observed.shape}, expected ({self.n_items}, {len(self.features)})",
@@ -83,6 +89,27 @@ class RecDataset:
                 raise DataError(f"feature '{name}' has shape {x.shape}, expected ({self.n_items}, d)", source=src)
         if self.new_items is not None and self.new_items.shape != (self.n_items,):
             raise DataError("new_items must be a bool vector over items", source=src)
+        for kind, ids, n in (("user", self.user_ids, self.n_users), ("item", self.item_ids, self.n_items)):
+            if ids is not None and ids.shape != (n,):
+                raise DataError(f"{kind} id map has {len(ids)} entries for {n} {kind}s", source=src)
+
+    # ---------------------------------------------------------------- raw ids
+    def user_index(self, ids: Iterable[object], source: str = "users", *, original: bool = True) -> np.ndarray:
+        """Internal indices of users given by original id (by index when ``original`` is false or the dataset
+        has no user id map); an unknown id is a :class:`DataError` naming it."""
+        return _lookup(ids, self.user_ids if original else None, self.n_users, "user", source)
+
+    def item_index(self, ids: Iterable[object], source: str = "items", *, original: bool = True) -> np.ndarray:
+        """Internal indices of items given by original id (by index without an item id map)."""
+        return _lookup(ids, self.item_ids if original else None, self.n_items, "item", source)
+
+    def user_labels(self, index: np.ndarray) -> np.ndarray:
+        """The original ids of internal user indices (the indices themselves without a user id map)."""
+        return np.asarray(index) if self.user_ids is None else self.user_ids[np.asarray(index, dtype=np.int64)]
+
+    def item_labels(self, index: np.ndarray) -> np.ndarray:
+        """The original ids of internal item indices (the indices themselves without an item id map)."""
+        return np.asarray(index) if self.item_ids is None else self.item_ids[np.asarray(index, dtype=np.int64)]
 
     # ----------------------------------------------------------------- derived
     @property
@@ -166,3 +193,22 @@ class RecDataset:
             if self.test_new_only is not None:
                 stats["test_new_only"] = len(self.test_new_only)
         return stats
+
+
+def _lookup(ids: Iterable[object], table: np.ndarray | None, n: int, kind: str, source: str) -> np.ndarray:
+    wanted = list(ids)
+    if table is None:
+        out = []
+        for v in wanted:
+            text = str(v).strip()
+            if not text.lstrip("-").isdigit() or not 0 <= int(text) < n:
+                raise DataError(f"unknown {kind} {str(v).strip()!r} (internal {kind} indices are 0..{n - 1})",
+                                source=source)
+            out.append(int(text))
+        return np.asarray(out, dtype=np.int64)
+    index = {str(v): i for i, v in enumerate(table)}
+    unknown = [v for v in wanted if str(v).strip() not in index]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise DataError(f"unknown {kind} {str(unknown[0]).strip()!r}{more}", source=source)
+    return np.asarray([index[str(v).strip()] for v in wanted], dtype=np.int64)

@@ -2,8 +2,10 @@
 
 A folder holds ``<name>.inter`` (tab-separated ``userID itemID x_label`` with 0/1/2 = train/valid/test; extra
 columns are ignored), one ``<modality>_feat.npy`` per modality (row = item id, any float dtype), optionally
-``<name>_new_items.inter`` (the new-item split) and optionally ``observed.npz`` (the plain mask format).
-All-NaN feature rows mark content that is really missing.
+``<name>_new_items.inter`` (the new-item split), ``observed.npz`` (the plain mask format) and the id maps
+``user_ids.csv`` / ``item_ids.csv`` (``userID,original_id`` / ``itemID,original_id``: internal index -> original
+id). All-NaN feature rows mark content that is really missing. A folder without feature files loads with no
+modality (for the models that use no features).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ INTER_COLUMNS = ("userID", "itemID", "x_label")
 SPLIT_LABELS = ("train", "valid", "test")  # x_label 0, 1, 2
 NEW_ITEMS_SUFFIX = "_new_items"
 PLAIN_MASK_NAME = "observed.npz"
+USER_IDS_NAME = "user_ids.csv"
+ITEM_IDS_NAME = "item_ids.csv"
 
 
 REFERENCE_ORDER = ("image", "text", "audio")
@@ -140,14 +144,12 @@ def load_mmrec(
     name, inter_path, new_path = find_inter_file(folder)
     df = read_inter(inter_path)
     feat_files = sorted(folder.glob("*_feat.npy"))
-    if not feat_files:
-        raise DataError("no <modality>_feat.npy feature files", source=str(folder))
     available = order_modalities([p.name[: -len("_feat.npy")] for p in feat_files])
     if modalities:
         unknown = [m for m in modalities if m not in available]
         if unknown:
-            raise DataError(f"unknown modality '{unknown[0]}'; the folder has: {', '.join(available)}",
-                            source="--modalities")
+            has = ", ".join(available) or "no <modality>_feat.npy files"
+            raise DataError(f"unknown modality '{unknown[0]}'; the folder has: {has}", source="--modalities")
         if len(set(modalities)) != len(modalities):
             raise DataError("a modality is listed twice", source="--modalities")
         chosen = list(modalities)
@@ -164,14 +166,21 @@ def load_mmrec(
         n_rows = x.shape[0]
         nan_rows[m] = missing_rows(x, str(path))
         features[m] = x
-    assert n_rows is not None
     max_user = int(df["userID"].max())
     max_item = int(df["itemID"].max())
+    user_ids = read_id_map(folder / USER_IDS_NAME, "userID")
+    item_ids = read_id_map(folder / ITEM_IDS_NAME, "itemID")
+    if n_rows is None:  # no features: the items are those of the interactions and of the id map
+        n_rows = max(max_item + 1, 0 if item_ids is None else len(item_ids))
     if max_item >= n_rows:
         raise DataError(f"itemID {max_item} is out of range: the feature files have {n_rows} rows "
                         f"(feature row count must equal the number of items)", source=str(inter_path))
     n_items = n_rows
-    n_users = max_user + 1
+    n_users = max(max_user + 1, 0 if user_ids is None else len(user_ids))
+    for path, ids, n, what in ((folder / USER_IDS_NAME, user_ids, n_users, "users of the interactions"),
+                               (folder / ITEM_IDS_NAME, item_ids, n_items, "items")):
+        if ids is not None and len(ids) != n:
+            raise DataError(f"has {len(ids)} rows but the dataset has {n} {what}", source=str(path))
 
     if mask is not None:
         observed = read_mask_file(mask, n_items, chosen, mask_letters)
@@ -191,7 +200,7 @@ def load_mmrec(
 
     train, valid, test = pairs(df, 0), pairs(df, 1), pairs(df, 2)
     ds = RecDataset(name=name, n_users=n_users, n_items=n_items, train=train, valid=valid, test=test,
-                    features=features, observed=observed, source=str(folder))
+                    features=features, observed=observed, source=str(folder), user_ids=user_ids, item_ids=item_ids)
     if setting == "missing":
         return ds
     if setting != "new-items":
@@ -207,6 +216,44 @@ def load_mmrec(
         return make_new_item_split(ds, new_items, train=new_train, valid=pairs(df_new, 1))
     counts = np.bincount(train[:, 1], minlength=n_items)
     return make_new_item_split(ds, draw_new_items(counts, seed=new_item_seed))
+
+
+def read_id_map(path: Path, column: str) -> np.ndarray | None:
+    """The original ids of an id map (``<column>,original_id``, rows in any order), indexed by ``column``;
+    None when the file does not exist. The indices must be ``0..n-1`` once each and the ids unique."""
+    if not path.is_file():
+        return None
+    src = str(path)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except Exception as exc:
+        raise DataError(f"cannot parse as CSV ({type(exc).__name__}: {exc})", source=src) from None
+    missing = [c for c in (column, "original_id") if c not in df.columns]
+    if missing:
+        raise DataError(f"missing column(s) {', '.join(missing)}; expected header {column},original_id "
+                        f"(found: {','.join(map(str, df.columns))})", source=src)
+    index = pd.to_numeric(df[column].str.strip(), errors="coerce")
+    n = len(df)
+    if index.isna().any() or sorted(index.astype(int)) != list(range(n)):
+        raise DataError(f"column {column} must hold 0..{n - 1} once each", source=src)
+    ids = df["original_id"].str.strip().to_numpy(dtype=object)
+    duplicated = pd.Series(ids).duplicated()
+    if duplicated.any():
+        raise DataError(f"original id {ids[int(np.flatnonzero(duplicated.to_numpy())[0])]!r} appears twice",
+                        source=src)
+    out = np.empty(n, dtype=object)
+    out[index.astype(int).to_numpy()] = ids
+    return out.astype(str)
+
+
+def write_id_maps(ds: RecDataset, folder: Path) -> None:
+    """Write ``user_ids.csv`` / ``item_ids.csv`` of a dataset that carries original ids."""
+    for path, column, ids in ((folder / USER_IDS_NAME, "userID", ds.user_ids),
+                              (folder / ITEM_IDS_NAME, "itemID", ds.item_ids)):
+        if ids is not None:
+            tmp = path.with_name(f".{path.name}.tmp")
+            pd.DataFrame({column: np.arange(len(ids)), "original_id": ids}).to_csv(tmp, index=False)
+            tmp.replace(path)
 
 
 def make_new_item_split(ds: RecDataset, new_items: np.ndarray, *, train: np.ndarray | None = None,
@@ -247,7 +294,8 @@ def write_inter(path: str | Path, splits: Sequence[np.ndarray]) -> Path:
 
 def write_mmrec(ds: RecDataset, folder: str | Path, *, write_mask: bool = True,
                 features: Mapping[str, np.ndarray] | None = None) -> Path:
-    """Write ``ds`` as an MMRec folder (``<name>.inter``, ``<modality>_feat.npy``, ``observed.npz``)."""
+    """Write ``ds`` as an MMRec folder (``<name>.inter``, ``<modality>_feat.npy``, ``observed.npz``, and the id
+    maps when the dataset has them)."""
     folder = Path(folder)
     write_inter(folder / f"{ds.name}.inter", (ds.train, ds.valid, ds.test))
     for m, x in (features or ds.features).items():
@@ -256,4 +304,5 @@ def write_mmrec(ds: RecDataset, folder: str | Path, *, write_mask: bool = True,
         tmp_f.replace(folder / f"{m}_feat.npy")
     if write_mask:
         save_plain_mask(folder / PLAIN_MASK_NAME, ds.observed, ds.modalities)
+    write_id_maps(ds, folder)
     return folder

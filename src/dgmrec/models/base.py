@@ -27,7 +27,7 @@ from torch import nn
 
 from dgmrec.data.dataset import RecDataset
 from dgmrec.data.impute import FeatureOptions, prepare_features
-from dgmrec.errors import ConfigError
+from dgmrec.errors import ConfigError, DataError
 from dgmrec.losses import bpr_loss
 
 
@@ -112,11 +112,17 @@ class Recommender(nn.Module):
     Class attributes
     ----------------
     name: registry name (``--model``).
-    uses_features: whether the model reads modality features.
+    summary: one line saying what the model is (``dgmrec models``).
+    uses_features: whether the model reads modality features (without, it trains on a folder with none).
+    missing_aware: whether the model treats missing modalities itself (beyond the initial imputation).
+    generates: whether the model generates features for missing modalities (``dgmrec generate``).
     """
 
     name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
     uses_features: ClassVar[bool] = True
+    missing_aware: ClassVar[bool] = False
+    generates: ClassVar[bool] = False
     #: string options and their allowed values, checked on construction
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: the fewest modalities the model works with
@@ -128,6 +134,9 @@ class Recommender(nn.Module):
             if str(config[key]) not in allowed:
                 raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}",
                                   source=key)
+        if self.uses_features and data.n_modalities == 0:
+            raise DataError(f"{self.name} needs item features and the dataset has none (no <modality>_feat.npy "
+                            "files); the models that use no features (`dgmrec models`) train on it", source="--data")
         if data.n_modalities < self.min_modalities:
             raise ConfigError(f"{self.name} needs at least {self.min_modalities} modalities", source="--modalities")
         self._eval_cache: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -64,6 +64,8 @@ class BM3(Recommender):
     """
 
     name = "BM3"
+    summary = "bootstrapped LightGCN pulled to perturbed copies of itself and the features, no negatives (WWW 2023)"
+    missing_aware = True
     choices = _CHOICES
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:

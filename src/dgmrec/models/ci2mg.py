@@ -236,6 +236,8 @@ class CI2MG(Recommender):
     """
 
     name = "CI2MG"
+    summary = "regenerates each modality's item representation from prototypes and other modalities (MM 2023)"
+    missing_aware = True
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)

@@ -196,6 +196,8 @@ class DAMRS(Recommender):
     """
 
     name = "DAMRS"
+    summary = "denoised modality item graphs and a view-consistency weighted BPR on LightGCN (KDD 2024)"
+    missing_aware = True
     choices = _CHOICES
     min_modalities = 1
 

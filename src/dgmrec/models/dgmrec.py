@@ -111,6 +111,9 @@ class DGMRec(Recommender):
     """DGMRec for ``M >= 2`` modalities (see the module docstring and ``configs/models/DGMRec.yaml``)."""
 
     name = "DGMRec"
+    summary = "general/specific modality features; missing modalities generated from observed ones (SIGIR 2025)"
+    missing_aware = True
+    generates = True
     choices = _CHOICES
     min_modalities = 2
 

@@ -173,6 +173,7 @@ class GRCN(NodeTableRecommender):
     """
 
     name = "GRCN"
+    summary = "graph-refined convolution: modality attention re-weights the user-item edges (MM 2020)"
     min_modalities = 1
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:

@@ -119,6 +119,8 @@ class GUME(Recommender):
     """
 
     name = "GUME"
+    summary = "modality kNN graphs and enhanced user modality views for long-tail items (CIKM 2024)"
+    missing_aware = True
     choices = _CHOICES
     min_modalities = 2
 

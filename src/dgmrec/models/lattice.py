@@ -106,6 +106,8 @@ class LATTICE(Recommender):
     """
 
     name = "LATTICE"
+    summary = "item-item graphs learned from the modality features, LightGCN backbone (MM 2021)"
+    missing_aware = True
     min_modalities = 1
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:

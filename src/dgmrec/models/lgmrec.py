@@ -81,6 +81,8 @@ class LGMRec(Recommender):
     """
 
     name = "LGMRec"
+    summary = "local modality graph embeddings plus global hypergraph embeddings (AAAI 2024)"
+    missing_aware = True
     choices = _CHOICES
     min_modalities = 2
 

@@ -24,6 +24,7 @@ class LightGCN(Recommender):
     """LightGCN with ``n_ui_layers`` propagation layers; ignores modality features."""
 
     name = "LightGCN"
+    summary = "ID embeddings propagated on the user-item graph; no item features (SIGIR 2020)"
     uses_features = False
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:

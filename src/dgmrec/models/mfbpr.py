@@ -20,6 +20,7 @@ class MFBPR(Recommender):
     """Matrix factorisation with Xavier-initialised user and item factors."""
 
     name = "MFBPR"
+    summary = "matrix factorisation trained with BPR; no item features"
     uses_features = False
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:

@@ -62,6 +62,8 @@ class MGCN(Recommender):
     """
 
     name = "MGCN"
+    summary = "behaviour-purified modality views on kNN graphs, fused by a preference gate (MM 2023)"
+    missing_aware = True
     min_modalities = 1
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:

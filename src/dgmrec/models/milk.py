@@ -88,6 +88,8 @@ class MILK(Recommender):
     """
 
     name = "MILK"
+    summary = "items represented by content only, invariant to the modality mix (new items, 2024)"
+    missing_aware = True
     choices = _CHOICES
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:

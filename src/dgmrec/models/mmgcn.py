@@ -114,6 +114,7 @@ class MMGCN(NodeTableRecommender):
     """
 
     name = "MMGCN"
+    summary = "one graph network per modality on the user-item graph, averaged (MM 2019)"
     choices = _CHOICES
     min_modalities = 1
 

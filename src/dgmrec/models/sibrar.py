@@ -74,6 +74,7 @@ class SIBRAR(Recommender):
     """
 
     name = "SIBRAR"
+    summary = "one shared branch maps the ID and each modality into one space, modality sampling (2024)"
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)

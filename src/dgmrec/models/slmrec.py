@@ -86,6 +86,8 @@ class SLMRec(Recommender):
     """
 
     name = "SLMRec"
+    summary = "LightGCN views of IDs and modalities with a cross-modal contrastive task (TMM 2022)"
+    missing_aware = True
     choices = _CHOICES
     min_modalities = 2
 

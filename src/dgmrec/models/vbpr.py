@@ -67,6 +67,7 @@ class VBPR(Recommender):
     """
 
     name = "VBPR"
+    summary = "BPR matrix factorisation plus a linear projection of the content features (AAAI 2016)"
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)

@@ -16,11 +16,13 @@ Run directory layout::
     config.yaml      resolved configuration       log.jsonl      one line per epoch
     checkpoint.pt    full state for --resume      best.pt        best-validation model
     results.json     final summary                per_user_<split>.csv  per-user metrics at the best epoch
+    curves.png       loss terms and validation metric per epoch (written with results.json)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from collections.abc import Mapping
@@ -32,15 +34,17 @@ import numpy as np
 import torch
 import yaml
 
-from dgmrec.config import check_values
+from dgmrec.config import check_values, fit_cutoffs
 from dgmrec.data.dataset import RecDataset
 from dgmrec.data.spec import DatasetSpec
 from dgmrec.errors import ConfigError
 from dgmrec.evaluation.protocol import Evaluator
 from dgmrec.models.base import Recommender
 from dgmrec.training.checkpoint import check_fingerprint, dataset_fingerprint, load_checkpoint, save_atomic
+from dgmrec.training.curves import CURVES_NAME, plot_curves
 from dgmrec.training.sampler import NegativeSampler
 
+logger = logging.getLogger("dgmrec")
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -110,12 +114,19 @@ class Trainer:
     from torch's global generator before the first epoch, so a model built right after
     ``seed_everything(config["seed"])`` trains identically every time. ``spec`` describes the dataset for the
     run record (default: :meth:`DatasetSpec.of_dataset`); ``run_info`` adds entries to that record.
+
+    Cut-offs the catalogue cannot measure (``topk`` at or above the number of items) are dropped and
+    ``valid_metric`` follows (:func:`dgmrec.config.fit_cutoffs`); the change is logged once and listed under
+    ``notes`` in ``results.json``.
     """
 
     def __init__(self, model: Recommender, dataset: RecDataset, config: Mapping[str, Any], out_dir: str | Path, *,
                  spec: DatasetSpec | None = None, run_info: Mapping[str, Any] | None = None,
                  progress: bool = True) -> None:
+        config, self.notes = fit_cutoffs(config, dataset.n_items)
         check_values(config, model.name)
+        for note in self.notes:
+            logger.warning("note: %s", note)
         self.model = model
         self.ds = dataset
         self.config = dict(config)
@@ -131,6 +142,7 @@ class Trainer:
         self.batch_size = int(cfg["train_batch_size"])
         self.with_negatives = bool(cfg.get("use_neg_sampling", True))
         self.bpr_below = float(cfg["stopping_bpr_below"])
+        self.min_steps = int(cfg.get("stopping_min_steps", 0))
         groups = model.optimizer_groups()
         # the fused kernel updates all parameters in one pass (same maths as the per-parameter loop)
         self.optimizer = torch.optim.Adam(groups, lr=float(cfg["learning_rate"]),
@@ -149,6 +161,7 @@ class Trainer:
         self.best_eval: dict[str, Any] = {}
         self.train_seconds: list[float] = []
         self.eval_seconds: list[float] = []
+        self.loss_keys: list[str] = []  # the loss terms the log holds (hook outputs are logged beside them)
         # patience counts once the BPR loss has fallen below the threshold (entries without BPR: from the start)
         self.fitting = self.bpr_below <= 0
         self._opened = False
@@ -214,6 +227,7 @@ class Trainer:
         self.train_seconds = list(state["train_seconds"])
         self.eval_seconds = list(state["eval_seconds"])
         self.epoch = int(state["epoch"])
+        self.loss_keys = list(state.get("loss_keys", []))
         self.fitting = self.bpr_below <= 0 or any(e.get("bpr", 0.0) < self.bpr_below for e in self.history)
 
     def open_run(self) -> None:
@@ -274,6 +288,7 @@ class Trainer:
         self.scheduler.step()
         self.train_seconds.append(time.perf_counter() - t0)
         entry.update({k: round(v / max(1, n_batches), 6) for k, v in totals.items()})
+        self.loss_keys.extend(k for k in totals if k not in self.loss_keys)
         entry["train_seconds"] = round(self.train_seconds[-1], 4)
         entry["lr"] = self.optimizer.param_groups[0]["lr"]
         self.fitting = self.fitting or entry.get("bpr", 0.0) < self.bpr_below
@@ -295,7 +310,7 @@ class Trainer:
             valid, valid_users = evaluator.evaluate(model.score_users, "valid", self.device)
         self.eval_seconds.append(time.perf_counter() - t1)
         out: dict[str, Any] = {"valid": _round(valid), "eval_seconds": round(self.eval_seconds[-1], 4)}
-        if self.stopper.update(valid[self.valid_metric], epoch, self.fitting):
+        if self.stopper.update(valid[self.valid_metric], epoch, self.patience_counts(epoch)):
             with torch.no_grad():
                 tests = {s: evaluator.evaluate(model.score_users, s, self.device)
                          for s in evaluator.splits if s != "valid"}
@@ -306,6 +321,13 @@ class Trainer:
                          "dataset": self.fingerprint, "epoch": epoch, "run": self.run_info}, self.out / "best.pt")
         return out
 
+    def patience_counts(self, epoch: int) -> bool:
+        """Whether an evaluation after ``epoch`` without improvement uses up patience: once the model has
+        taken ``stopping_min_steps`` optimisation steps and (``stopping_bpr_below`` > 0) its BPR loss fell below
+        that threshold. Small catalogues take one step per epoch and would otherwise stop before learning."""
+        steps = (epoch + 1) * self.sampler.n_batches(self.batch_size)
+        return self.fitting and steps >= self.min_steps
+
     def save_checkpoint(self) -> None:
         """Write ``checkpoint.pt``: everything :meth:`restore` needs to continue exactly."""
         save_atomic({
@@ -314,7 +336,7 @@ class Trainer:
             "rng_torch": torch.get_rng_state(), "stopper": self.stopper.state(), "history": self.history,
             "best_eval": self.best_eval, "epoch": self.epoch, "config": _plain(self.config),
             "model_name": self.model.name, "dataset": self.fingerprint, "train_seconds": self.train_seconds,
-            "eval_seconds": self.eval_seconds,
+            "eval_seconds": self.eval_seconds, "loss_keys": self.loss_keys,
         }, self.checkpoint_path)
 
     def results(self) -> dict[str, Any]:
@@ -338,18 +360,39 @@ class Trainer:
             "config": _plain(self.config),
             "run": self.run_info,
             "dataset_fingerprint": self.fingerprint,
+            "notes": list(self.notes),
         }
         if "test_new_items" in best:
             results["test_new_items"] = best["test_new_items"]
         return results
 
     def write_results(self) -> dict[str, Any]:
-        """Write ``results.json`` (atomically) and return its content."""
+        """Write ``results.json`` (atomically) and ``curves.png``; return the results."""
         results = self.results()
         tmp = self.out / ".results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))
         tmp.replace(self.out / "results.json")
+        self.write_curves(results)
         return results
+
+    def write_curves(self, results: Mapping[str, Any] | None = None) -> Path:
+        """Draw ``curves.png`` from the run's history (see :mod:`dgmrec.training.curves`)."""
+        res = results if results is not None else self.results()
+        stopped = "stopped early" if res["early_stopped"] else "ran to the last epoch"
+        subtitle = (f"{res['epochs_run']} epochs ({stopped}), best epoch {res['best_epoch']} by validation "
+                    f"{self.valid_metric}, {self.ds.n_users} users x {self.ds.n_items} items")
+        return plot_curves(self.history, self.out / CURVES_NAME, title=f"{self.model.name} on {self.ds.name}",
+                           subtitle=subtitle, valid_metric=self.valid_metric, best_epoch=int(res["best_epoch"]),
+                           loss_keys=self.loss_keys or ["loss"], patience_from=self.first_counting_epoch())
+
+    def first_counting_epoch(self) -> int | None:
+        """The first epoch of the history whose evaluation used up patience (None: none did)."""
+        fitting = self.bpr_below <= 0
+        for e in self.history:
+            fitting = fitting or e.get("bpr", 0.0) < self.bpr_below
+            if fitting and (e["epoch"] + 1) * self.sampler.n_batches(self.batch_size) >= self.min_steps:
+                return int(e["epoch"])
+        return None
 
     def _save_per_user(self, per_split: dict[str, dict[str, np.ndarray]]) -> None:
         for split, vectors in per_split.items():
@@ -360,6 +403,23 @@ class Trainer:
             fmt = ["%d"] + ["%.6f"] * len(vectors)
             np.savetxt(tmp, rows, delimiter=",", header=",".join(cols), comments="", fmt=fmt)
             tmp.replace(self.out / f"per_user_{split}.csv")
+
+
+RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.pt", "best.pt", "results.json", CURVES_NAME, "retrieval.json")
+
+
+def holds_run(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds a run (its ``results.json`` or ``checkpoint.pt``)."""
+    out = Path(out_dir)
+    return (out / "results.json").is_file() or (out / "checkpoint.pt").is_file()
+
+
+def clear_run(out_dir: str | Path) -> None:
+    """Remove the files a run writes (:data:`RUN_FILES`, ``per_user_*.csv``) from ``out_dir``; nothing else."""
+    out = Path(out_dir)
+    for path in [*(out / n for n in RUN_FILES), *out.glob("per_user_*.csv")]:
+        if path.is_file():
+            path.unlink()
 
 
 def _plain(cfg: dict[str, Any]) -> dict[str, Any]:
