@@ -31,7 +31,6 @@ import torch
 
 from dgmrec import api
 from dgmrec.data.impute import FeatureOptions, fit_scaler, prepare_features
-from dgmrec.data.raw import ITEM_IDS_NAME, USER_IDS_NAME, read_id_table
 from dgmrec.errors import DataError, InputError
 from dgmrec.evaluation.protocol import MASK_SCORE, rank_items
 from dgmrec.models.base import Recommender
@@ -98,31 +97,10 @@ class IdMap:
 
 
 def dataset_ids(lr: api.LoadedRun) -> tuple[list[str], list[str]]:
-    """Raw user and item ids of a loaded run: the dataset's id maps, or the indices as strings.
-
-    Items the run already carries beyond its dataset's map (added with :func:`dgmrec.api.add_items` outside the
-    service) take the ids the run records for them.
-    """
+    """Raw user and item ids of a loaded run: the dataset's id maps, or the indices as strings."""
     ds = lr.dataset
-    folder = Path(str(lr.spec.data)) if str(lr.spec.data) != api.SYNTHETIC else None
-
-    def ids_of(kind: str, attr: str, name: str, n: int) -> list[str]:
-        known = getattr(ds, attr, None)
-        if known is None and folder is not None and folder.is_dir():
-            known = read_id_table(folder / name)
-        ids = [str(v) for v in known] if known is not None else []
-        if kind == "item" and len(ids) < n:
-            added = [str(v) for v in getattr(lr, "added_ids", [])]
-            if len(ids) + len(added) == n:
-                ids += added
-        if not ids:
-            return [str(k) for k in range(n)]
-        if len(ids) != n:
-            raise DataError(f"the {kind} id map has {len(ids)} ids for {n} {kind}s", source=name)
-        return ids
-
-    return (ids_of("user", "user_ids", USER_IDS_NAME, ds.n_users),
-            ids_of("item", "item_ids", ITEM_IDS_NAME, ds.n_items))
+    return ([str(u) for u in ds.user_labels(np.arange(ds.n_users))],
+            [str(i) for i in ds.item_labels(np.arange(ds.n_items))])
 
 
 # ----------------------------------------------------------------------------------------------- snapshot
