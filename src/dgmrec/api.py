@@ -24,7 +24,9 @@ from dgmrec.data.spec import SYNTHETIC, DatasetSpec
 from dgmrec.errors import DataError, InputError
 from dgmrec.models import build_model, canonical_name
 from dgmrec.models.base import Recommender
+from dgmrec.training import distributed
 from dgmrec.training.checkpoint import check_fingerprint, load_checkpoint
+from dgmrec.training.precision import set_threads
 from dgmrec.training.trainer import Trainer, resolve_device, seed_everything
 
 __all__ = ["SYNTHETIC", "DatasetSpec", "LoadedRun", "generate", "load_dataset", "load_run", "recommend", "retrieval",
@@ -82,7 +84,8 @@ def train(
 
     ``data`` is a loaded dataset (recorded as :meth:`DatasetSpec.of_dataset`), a spec, or a folder /
     ``"synthetic"`` with the dataset options. ``resume`` continues the run in ``out`` (an error if it has no
-    checkpoint).
+    checkpoint). In a process started by ``torchrun`` it trains data-parallel with the other processes
+    (:mod:`dgmrec.training.distributed`, ``docs/distributed.md``).
     """
     name = canonical_name(model)
     if isinstance(data, RecDataset):
@@ -96,12 +99,17 @@ def train(
     if seed is not None:
         over["seed"] = int(seed)
     cfg, layers = resolve_config(name, ds.name, file=config_file, overrides=over, use_best=use_best)
-    dev = resolve_device(device)
+    dev = distributed.join(resolve_device(device))  # under torchrun: this rank's device in the process group
+    set_threads(cfg)
     seed_everything(int(cfg["seed"]))
     net = build_model(name, ds, cfg, dev)
-    trainer = Trainer(net, ds, cfg, out, spec=spec.resolved(), run_info={"config_layers": layers, "model": name},
-                      progress=progress)
-    return trainer.fit(resume=resume).results
+    trainer_class = distributed.DistributedTrainer if distributed.active() else Trainer
+    trainer = trainer_class(net, ds, cfg, out, spec=spec.resolved(),
+                            run_info={"config_layers": layers, "model": name}, progress=progress)
+    try:
+        return trainer.fit(resume=resume).results
+    finally:
+        distributed.leave()
 
 
 @dataclass

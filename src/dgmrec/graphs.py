@@ -13,6 +13,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from dgmrec import knn
+
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 # ------------------------------------------------------------------------------------------- sparse helpers
@@ -153,6 +155,7 @@ def knn_edges(
     binarize: bool = False,
     chunk_size: int = 2048,
     exclude_columns: np.ndarray | None = None,
+    backend: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cosine top-``k`` neighbours of every row, as raw (unnormalised) edges ``(rows, cols, weights)``.
 
@@ -160,7 +163,10 @@ def knn_edges(
     as weight (1 when ``binarize``). Rows in ``isolate`` keep only a self-loop of weight 1 and nobody links to
     them; ``isolate_before_topk`` removes them from the candidates before the top-k (others get k neighbours),
     otherwise after (others may be left with fewer). All-zero rows are isolated. ``exclude_columns`` removes
-    those items from every row's candidates.
+    those items from every row's candidates (their similarity counts as 0, as does an isolated column's before
+    the top-k). ``backend`` is a search method of :mod:`dgmrec.knn` (``torch``, ``flat``, ``ivf``); by default
+    the configured one for this number of rows (:func:`dgmrec.knn.method_for`). ``torch`` and ``flat`` are
+    exact; ``ivf`` may miss some neighbours (and then keeps the next best).
     """
     xt = torch.as_tensor(x, dtype=torch.float32)
     with torch.no_grad():
@@ -171,6 +177,11 @@ def knn_edges(
             iso |= torch.as_tensor(np.asarray(isolate, dtype=bool), device=xn.device)
         iso |= zero
         kk = min(k, n)
+        method = backend or knn.method_for(n)
+        if method != "torch":
+            excluded = None if exclude_columns is None else np.asarray(exclude_columns, dtype=bool)
+            return _searched_knn_edges(xn.cpu().numpy(), zero.cpu().numpy(), iso.cpu().numpy(), excluded, kk,
+                                       isolate_before_topk, binarize, method)
         rows, cols, vals = [], [], []
         excl = None
         if exclude_columns is not None:
@@ -204,6 +215,36 @@ def knn_edges(
     return r_all.astype(np.int64), c_all.astype(np.int64), v_all
 
 
+def _searched_knn_edges(xn: np.ndarray, zero: np.ndarray, iso: np.ndarray, excluded: np.ndarray | None, kk: int,
+                        isolate_before_topk: bool, binarize: bool,
+                        method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`knn_edges` through a faiss index: the same edges as the exact chunked search (``flat``).
+
+    The exact search takes the top-``kk`` of a row in which excluded (and, before the top-k, isolated) columns
+    read 0 and drops zero entries; a negative similarity therefore survives only when fewer than ``kk`` entries
+    lie above it, the ``n_zero`` zeroed columns included. The index holds the other columns and applies that rule.
+    """
+    n = xn.shape[0]
+    cand = ~zero
+    if excluded is not None:
+        cand &= ~excluded
+    if isolate_before_topk:
+        cand &= ~iso
+    n_zero = n - int(cand.sum())  # columns read as 0 by the exact search
+    queries = np.flatnonzero(~iso)
+    sims, idx = knn.search(xn, queries, np.flatnonzero(cand), kk, method)
+    rank = np.arange(kk)[None, :]
+    keep = (idx >= 0) & (sims != 0) & ((sims > 0) | (rank + n_zero < kk))
+    if not isolate_before_topk:
+        keep &= ~iso[np.maximum(idx, 0)]
+    rows = np.broadcast_to(queries[:, None], idx.shape)[keep]
+    cols = idx[keep]
+    vals = np.ones(len(cols), dtype=np.float32) if binarize else sims[keep].astype(np.float32)
+    iso_idx = np.flatnonzero(iso)
+    return (np.concatenate([rows, iso_idx]).astype(np.int64), np.concatenate([cols, iso_idx]).astype(np.int64),
+            np.concatenate([vals, np.ones(len(iso_idx), dtype=np.float32)]))
+
+
 def sym_row_normalize(m: sp.spmatrix) -> sp.csr_matrix:
     """``K_ij / sqrt(r_i r_j)`` with ``r`` the row sums (directed graphs; 1/sqrt(0) -> 0)."""
     m = sp.csr_matrix(m, dtype=np.float32)
@@ -223,9 +264,10 @@ def knn_graph(
     binarize: bool = False,
     normalize: bool = True,
     chunk_size: int = 2048,
+    backend: str | None = None,
 ) -> sp.csr_matrix:
     """A per-modality item kNN graph (see :func:`knn_edges`), normalised with :func:`sym_row_normalize`."""
-    r, c, v = knn_edges(x, k, isolate, isolate_before_topk, binarize, chunk_size)
+    r, c, v = knn_edges(x, k, isolate, isolate_before_topk, binarize, chunk_size, backend=backend)
     n = int(torch.as_tensor(x).shape[0])
     m = sp.csr_matrix((v, (r, c)), shape=(n, n), dtype=np.float32)
     m.sum_duplicates()
