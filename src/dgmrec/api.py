@@ -199,7 +199,7 @@ def recommend(run: str | Path | LoadedRun, k: int = 10, users: Sequence[int] | N
     with torch.no_grad():
         model.prepare_eval()
         top, scores = rank_items(model.score_users, users_arr, mask, min(k, ds.n_items),
-                                 int(lr.config.get("eval_batch_size", 4096)), model.device)
+                                 int(lr.config.get("eval_batch_size", 4096)), model.device, n_items=ds.n_items)
     kk = top.shape[1]
     return pd.DataFrame({
         "user": np.repeat(users_arr, kk),

@@ -45,11 +45,18 @@ def torch_to_scipy(t: torch.Tensor) -> sp.csr_matrix:
     return sp.csr_matrix((t.values().numpy(), (idx[0], idx[1])), shape=tuple(t.shape))
 
 
+def sparse_mm(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``a @ x`` for a sparse ``a``, in float32 also inside an autocast region (the sparse kernels have no
+    bfloat16 path, and a graph's weights keep their precision)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return torch.sparse.mm(a, x.float().contiguous())
+
+
 class _SparseMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.a_t = a_t
-        return torch.sparse.mm(a, x.contiguous())
+        return sparse_mm(a, x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -70,7 +77,7 @@ class SparseOp:
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:
             return _SparseMM.apply(self.a, self.a_t, x)
-        return torch.sparse.mm(self.a, x.contiguous())
+        return sparse_mm(self.a, x)
 
     def rows(self, index: torch.Tensor | np.ndarray) -> SparseOp:
         """The operator made of the given rows of ``A`` (in that order)."""
@@ -168,8 +175,8 @@ def knn_edges(
     the configured one for this number of rows (:func:`dgmrec.knn.method_for`). ``torch`` and ``flat`` are
     exact; ``ivf`` may miss some neighbours (and then keeps the next best).
     """
-    xt = torch.as_tensor(x, dtype=torch.float32)
-    with torch.no_grad():
+    xt = torch.as_tensor(x).float()
+    with torch.no_grad(), torch.autocast(device_type=xt.device.type, enabled=False):  # similarities in float32
         xn, zero = _row_normalize(xt)
         n = xn.shape[0]
         iso = torch.zeros(n, dtype=torch.bool, device=xn.device)

@@ -37,6 +37,15 @@ def impute_features(
                 ref &= reference_items
             if not ref.any():
                 ref = observed[:, j]
-            x[miss] = x[ref].mean(axis=0, dtype=np.float64).astype(np.float32)
+            x[miss] = _mean_of_rows(x, ref)
         out[name] = x
     return out
+
+
+def _mean_of_rows(x: np.ndarray, rows: np.ndarray, block: int = 16384) -> np.ndarray:
+    """Float64 column mean of the rows selected by the mask ``rows``, gathered in blocks (no full-size copy)."""
+    idx = np.flatnonzero(rows)
+    total = np.zeros(x.shape[1], dtype=np.float64)
+    for start in range(0, len(idx), block):
+        total += x[idx[start:start + block]].sum(axis=0, dtype=np.float64)
+    return (total / len(idx)).astype(np.float32)
