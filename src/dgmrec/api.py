@@ -99,17 +99,14 @@ def train(
     if seed is not None:
         over["seed"] = int(seed)
     cfg, layers = resolve_config(name, ds.name, file=config_file, overrides=over, use_best=use_best)
-    dev = distributed.join(resolve_device(device))  # under torchrun: this rank's device in the process group
-    set_threads(cfg)
-    seed_everything(int(cfg["seed"]))
-    net = build_model(name, ds, cfg, dev)
-    trainer_class = distributed.DistributedTrainer if distributed.active() else Trainer
-    trainer = trainer_class(net, ds, cfg, out, spec=spec.resolved(),
-                            run_info={"config_layers": layers, "model": name}, progress=progress)
-    try:
+    with distributed.session(resolve_device(device)) as dev:  # under torchrun: this rank's device in the group
+        set_threads(cfg)
+        seed_everything(int(cfg["seed"]))
+        net = build_model(name, ds, cfg, dev)
+        trainer_class = distributed.DistributedTrainer if distributed.active() else Trainer
+        trainer = trainer_class(net, ds, cfg, out, spec=spec.resolved(),
+                                run_info={"config_layers": layers, "model": name}, progress=progress)
         return trainer.fit(resume=resume).results
-    finally:
-        distributed.leave()
 
 
 @dataclass

@@ -23,6 +23,7 @@ processes). Launch: ``docs/distributed.md``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -42,7 +43,6 @@ from dgmrec.models.base import Batch, Recommender
 from dgmrec.training.trainer import Trainer, TrainResult
 
 _HOOKS = ("before_epoch", "after_epoch", "before_evaluation")
-_joined_here = False
 
 
 def launched() -> bool:
@@ -55,29 +55,32 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def join(device: torch.device) -> torch.device:
-    """Join the ``env://`` process group when launched by torchrun; returns the device this rank trains on.
+def join(device: torch.device) -> tuple[torch.device, bool]:
+    """Join the ``env://`` process group when launched by torchrun; returns this rank's device and whether a
+    group was created here.
 
-    CUDA devices use NCCL and the GPU ``LOCAL_RANK`` of the node; the CPU uses gloo. Outside torchrun (and
-    when a group already exists) nothing is joined and ``device`` is returned unchanged.
+    CUDA devices use NCCL and the GPU ``LOCAL_RANK`` of the node; the CPU uses gloo. Outside torchrun, and when
+    a group already exists, nothing is joined.
     """
-    global _joined_here
-    if device.type == "cuda":
+    if launched() and device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     if launched() and not active():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        _joined_here = True
-    return device
+        return device, True
+    return device, False
 
 
-def leave() -> None:
-    """Destroy the process group if :func:`join` created it."""
-    global _joined_here
-    if _joined_here and active():
-        dist.destroy_process_group()
-    _joined_here = False
+@contextlib.contextmanager
+def session(device: torch.device) -> Iterator[torch.device]:
+    """:func:`join` for the duration of the block (the group is destroyed at its end if it was created here)."""
+    device, created = join(device)
+    try:
+        yield device
+    finally:
+        if created and active():
+            dist.destroy_process_group()
 
 
 class DistributedTrainer(Trainer):
