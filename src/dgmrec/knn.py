@@ -5,10 +5,10 @@ Three methods find each item's top-``k`` inner products with the (row-normalised
 * ``torch``: the exact search of :func:`dgmrec.graphs.knn_edges`, row chunks of the similarity times all
   items (``O(n^2 d)``; no extra dependency);
 * ``flat``: faiss's exact inner-product index (``IndexFlatIP``), the same neighbours as ``torch``;
-* ``ivf``: faiss's inverted-file index (``IndexIVFFlat``, spherical k-means cells, ``nlist ~ 4 sqrt(n)``
-  cells of which ``nprobe`` are searched per query, key ``knn_nprobe``): approximate,
-  ``O(n * nprobe / nlist * n d)``, and deterministic (seeded k-means; no graph index whose construction
-  depends on thread timing).
+* ``ivf``: faiss's inverted-file index (``IndexIVFFlat``, ``nlist ~ 8 sqrt(n)`` cells from a seeded spherical
+  k-means, of which ``nprobe`` are searched per query: by default enough for ~4,096 candidates, key
+  ``knn_nprobe``): approximate, ``O(n * 4096 d)`` plus the k-means, and deterministic (no graph index whose
+  construction depends on thread timing).
 
 The configuration keys ``knn_backend`` (``auto``, ``exact``, ``faiss``) and ``knn_exact_max_items`` select
 the method (:func:`method_for`): ``exact`` always searches exactly with torch; ``faiss`` uses ``flat`` up
@@ -104,13 +104,13 @@ def method_for(n_items: int, options: KnnOptions | None = None) -> str:
 
 
 def ivf_cells(n: int) -> int:
-    """Number of IVF cells for ``n`` vectors: ``4 sqrt(n)``, at most ``n / 39`` (faiss's training minimum)."""
-    return max(1, min(int(4 * math.sqrt(n)), n // 39))
+    """Number of IVF cells for ``n`` vectors: ``8 sqrt(n)``, at most ``n / 39`` (faiss's training minimum)."""
+    return max(1, min(int(8 * math.sqrt(n)), n // 39))
 
 
-def ivf_probes(nlist: int) -> int:
-    """Default number of cells searched per query: an eighth of the cells, at least 16 and at most 64."""
-    return min(nlist, max(16, min(64, nlist // 8)))
+def ivf_probes(n: int, nlist: int) -> int:
+    """Default number of cells searched per query: enough for about 4,096 candidates, at least 16."""
+    return min(nlist, max(16, math.ceil(4096 * nlist / max(1, n))))
 
 
 def search(xn: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int, method: str,
@@ -138,7 +138,9 @@ def search(xn: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int, 
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.spherical = True  # cosine k-means: centroids renormalised
         index.cp.seed = 1234
-        index.nprobe = min(nlist, nprobe or _options.nprobe or ivf_probes(nlist))
+        index.cp.niter = 10
+        index.cp.max_points_per_centroid = 64  # k-means on at most 64 sampled vectors per cell
+        index.nprobe = min(nlist, nprobe or _options.nprobe or ivf_probes(len(cand), nlist))
     else:
         raise ValueError(f"unknown faiss search method {method!r}")
     index = _on_gpu(faiss, index)
