@@ -39,7 +39,8 @@ KNOWN_IMPORT_NAMES = {
     "pyarrow": {"pyarrow"},
 }
 # modules that belong to an optional extra (everything else must run on the base install)
-EXTRA_OF_MODULE = {"dgmrec.features": "features", "dgmrec.cli_features": "features"}
+EXTRA_OF_MODULE = {"dgmrec.features": "features", "dgmrec.cli_features": "features",
+                   "dgmrec.knn": "scale"}  # imports faiss only when asked for it (the base install uses torch)
 
 
 def _dist_name(requirement: str) -> str:
