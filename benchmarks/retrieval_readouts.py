@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before the OpenMP runtime loads (with numpy / torch)
 
 import numpy as np
 import torch
@@ -87,7 +90,7 @@ def main() -> None:
                                 "hit@10": float(scores["hit@10"].mean()), "rank": float(scores["rank"].mean())})
 
     table = Table(title=f"Readouts of masked features ({ds.name}, {args.run.name}; chance Hit@10 "
-                        f"{10 / ds.n_items:.4f}, rank 0.5)")
+                        f"{10 / ds.n_items:.4f}, rank 0.5; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})")
     for col in ("modality", "queries", "readout", "cosine Hit@10", "cosine rank", "centred Hit@10",
                 "centred rank"):
         table.add_column(col, justify="left" if col == "readout" else "right")

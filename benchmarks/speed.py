@@ -10,9 +10,11 @@ Cases (each measured in its own child process so that peak RSS is per case):
 Usage::
 
     python benchmarks/speed.py [--shared ../shared] [--models DGMRec,LightGCN] [--cases tiktok,baby]
-                               [--epochs 3] [--threads 2]
+                               [--epochs 3] [--threads 2] [--precision fp32,bf16]
 
-Prints a table and writes ``benchmarks/results/speed.{json,csv}``.
+Children run with ``OMP_NUM_THREADS=--threads`` and the passive OpenMP wait policy (``OMP_WAIT_POLICY=PASSIVE``,
+unless the environment sets another; the table title says which). Prints a table and writes
+``benchmarks/results/speed.{json,csv}``.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def baby_placeholder(shared: Path, root: Path) -> Path:
     return folder
 
 
-def run_case(model: str, case: str, shared: Path, epochs: int, work: Path) -> dict[str, object]:
+def run_case(model: str, case: str, shared: Path, epochs: int, work: Path, precision: str) -> dict[str, object]:
     """Runs inside the child process."""
     import torch
 
@@ -59,14 +61,16 @@ def run_case(model: str, case: str, shared: Path, epochs: int, work: Path) -> di
         ds = load_dataset(baby_placeholder(shared, work),
                           mask=shared / "data" / "amazon-graphs" / "baby" / "missing_items_0.666.npy")
     t0 = time.perf_counter()
-    res = train(model, ds, out=work / f"{model}_{case}", overrides={"epochs": epochs, "eval_step": 1,
-                                                                    "stopping_step": 1000}, progress=False)
-    log = [json.loads(line) for line in (work / f"{model}_{case}" / "log.jsonl").read_text().splitlines()]
+    run = work / f"{model}_{case}_{precision}"
+    res = train(model, ds, out=run, overrides={"epochs": epochs, "eval_step": 1, "stopping_step": 1000,
+                                               "precision": precision}, progress=False)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     train_s = [e["train_seconds"] for e in log]
     eval_s = [e["eval_seconds"] for e in log if "eval_seconds" in e]
     steady = train_s[1:] if len(train_s) > 1 else train_s
     return {
-        "model": model, "case": case, "epochs": epochs, "threads": torch.get_num_threads(),
+        "model": model, "case": case, "precision": precision, "epochs": epochs, "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "s_per_epoch": round(sum(steady) / len(steady), 3),
         "s_per_epoch_first": round(train_s[0], 3),
         "s_per_eval_pass": round(sorted(eval_s)[len(eval_s) // 2], 3),
@@ -83,33 +87,38 @@ def main() -> None:
     p.add_argument("--cases", default="tiktok,baby")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--child", nargs=2, metavar=("MODEL", "CASE"), help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16")
+    p.add_argument("--child", nargs=3, metavar=("MODEL", "CASE", "PRECISION"), help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     shared = Path(args.shared)
     if args.child:
-        print(json.dumps(run_case(args.child[0], args.child[1], shared, args.epochs, Path(args.work))))
+        print(json.dumps(run_case(args.child[0], args.child[1], shared, args.epochs, Path(args.work), args.child[2])))
         return
     if not (shared / "data").is_dir():
         sys.exit(f"error: {shared}/data not found; pass --shared")
     rows = []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with tempfile.TemporaryDirectory(prefix="dgmrec-bench-") as work:
         for case in args.cases.split(","):
             for model in args.models.split(","):
-                out = subprocess.run([sys.executable, __file__, "--child", model, case, "--shared", str(shared),
-                                      "--epochs", str(args.epochs), "--work", work],
-                                     capture_output=True, text=True, env=env, check=False)
-                if out.returncode != 0:
-                    print(out.stderr[-2000:], file=sys.stderr)
-                    continue
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"done: {model} on {case}", file=sys.stderr)
+                for precision in args.precision.split(","):
+                    out = subprocess.run([sys.executable, __file__, "--child", model, case, precision, "--shared",
+                                          str(shared), "--epochs", str(args.epochs), "--work", work],
+                                         capture_output=True, text=True, env=env, check=False)
+                    if out.returncode != 0:
+                        print(out.stderr[-2000:], file=sys.stderr)
+                        continue
+                    rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    print(f"done: {model} on {case} ({precision})", file=sys.stderr)
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"dgmrec speed ({args.threads} threads, {args.epochs} epochs; first epoch excluded)")
-    cols = ["model", "case", "s_per_epoch", "s_per_epoch_first", "s_per_eval_pass", "peak_rss_mb", "wall_s"]
+    table = Table(title=f"dgmrec speed ({args.threads} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, "
+                        f"{args.epochs} epochs; first epoch excluded)")
+    cols = ["model", "case", "precision", "s_per_epoch", "s_per_epoch_first", "s_per_eval_pass", "peak_rss_mb",
+            "wall_s"]
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:

@@ -11,6 +11,7 @@ them (``ids="internal"`` for the internal indices), ``generate`` writes the maps
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,9 @@ from dgmrec.data.spec import SYNTHETIC, DatasetSpec
 from dgmrec.errors import DataError, InputError
 from dgmrec.models import build_model, canonical_name
 from dgmrec.models.base import Recommender
+from dgmrec.training import distributed
 from dgmrec.training.checkpoint import check_fingerprint, load_checkpoint
+from dgmrec.training.precision import set_threads
 from dgmrec.training.trainer import Trainer, clear_run, holds_run, resolve_device, seed_everything
 
 __all__ = ["SYNTHETIC", "ConfigView", "DatasetSpec", "LoadedRun", "explain_config", "generate", "load_dataset",
@@ -89,7 +92,8 @@ def train(
     ``"synthetic"`` with the dataset options. ``resume`` continues the run in ``out`` (an error if it has no
     checkpoint). A directory that already holds a run (``results.json`` or ``checkpoint.pt``) is an error
     unless ``resume`` or ``overwrite``; ``overwrite`` removes that run's files (once the configuration has
-    been checked) and trains afresh.
+    been checked) and trains afresh. In a process started by ``torchrun``
+    it trains data-parallel with the other processes (:mod:`dgmrec.training.distributed`, ``docs/distributed.md``).
     """
     if resume and overwrite:
         raise InputError("use --resume or --overwrite, not both", source="--out")
@@ -107,14 +111,16 @@ def train(
     if seed is not None:
         over["seed"] = int(seed)
     cfg, layers = resolve_config(name, ds.name, file=config_file, overrides=over, use_best=use_best)
-    dev = resolve_device(device)
-    seed_everything(int(cfg["seed"]))
-    net = build_model(name, ds, cfg, dev)
-    if overwrite:
-        clear_run(out)
-    trainer = Trainer(net, ds, cfg, out, spec=spec.resolved(), run_info={"config_layers": layers, "model": name},
-                      progress=progress)
-    return trainer.fit(resume=resume).results
+    with distributed.session(resolve_device(device)) as dev:  # under torchrun: this rank's device in the group
+        set_threads(cfg)
+        seed_everything(int(cfg["seed"]))
+        net = build_model(name, ds, cfg, dev)
+        if overwrite and os.environ.get("RANK", "0") == "0":  # one process clears the old run
+            clear_run(out)
+        trainer_class = distributed.DistributedTrainer if distributed.active() else Trainer
+        trainer = trainer_class(net, ds, cfg, out, spec=spec.resolved(),
+                                run_info={"config_layers": layers, "model": name}, progress=progress)
+        return trainer.fit(resume=resume).results
 
 
 @dataclass
@@ -252,7 +258,7 @@ def recommend(run: str | Path | LoadedRun, k: int = 10, users: Sequence[str | in
     with torch.no_grad():
         model.prepare_eval()
         top, scores = rank_items(model.score_users, users_arr, mask, min(k, ds.n_items),
-                                 int(lr.config.get("eval_batch_size", 4096)), model.device)
+                                 int(lr.config.get("eval_batch_size", 4096)), model.device, n_items=ds.n_items)
     kk = top.shape[1]
     user_col = np.repeat(users_arr, kk)
     item_col = top.ravel()

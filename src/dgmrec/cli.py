@@ -6,6 +6,7 @@ Bad input of any kind prints one line ``error: <file or field>: <problem>`` and 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -89,17 +90,27 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out.")] = False,
     no_best: Annotated[bool, typer.Option("--no-best", help="Ignore the shipped per-dataset best config.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="CPU threads of PyTorch (config key threads; 0 = PyTorch's default).")] = None,
+    precision: Annotated[str | None, typer.Option(
+        "--precision", help="Training precision: fp32, bf16 or fp16 (CUDA) (config key precision).")] = None,
 ) -> None:
     """Train a model, evaluate it with the full-ranking protocol and write RUN_DIR/results.json and curves.png.
 
     An --out that already holds a run is refused unless --resume (continue it) or --overwrite (replace it).
+
+    Started by torchrun, every process trains its share of each batch (docs/distributed.md).
     """
     from dgmrec.config import parse_set
 
+    overrides = parse_set(set_ or [])
+    overrides.update({k: v for k, v in (("threads", threads), ("precision", precision)) if v is not None})
     spec = api.DatasetSpec(data, modalities=modalities, mask=mask, mask_letters=mask_letters, setting=setting)
-    results = api.train(model, spec, out=out, config_file=config, overrides=parse_set(set_ or []), seed=seed,
+    results = api.train(model, spec, out=out, config_file=config, overrides=overrides, seed=seed,
                         device=device, resume=resume, overwrite=overwrite, progress=not quiet,
                         use_best=not no_best)
+    if os.environ.get("RANK", "0") != "0":
+        return  # one summary per distributed run, from rank 0
     rows = {"valid": results["valid"], "test": results["test"]}
     if "test_new_items" in results:
         rows["test (new items)"] = results["test_new_items"]

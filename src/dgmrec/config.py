@@ -25,6 +25,7 @@ import yaml
 
 from dgmrec.errors import ConfigError
 from dgmrec.evaluation.metrics import METRICS
+from dgmrec.knn import KNN_BACKENDS
 
 # Allowed ranges, in interval notation: "[1, inf)" = 1 or more, "(0, inf)" = above 0, "[0, 1)" = 0 up to but
 # excluding 1. A list value is checked element by element. A key of one model only is written "Model.key" and
@@ -68,13 +69,18 @@ RANGES: dict[str, str] = {
     "lambda_coeff": "[0, 1]",
     "avg_lambda": "[0, 1]",
     "infer_adj_update": "[0, 1]",
+    # execution: threads, precision, kNN search
+    "threads": "[0, inf)",
+    "knn_exact_max_items": "[0, inf)",
+    "knn_nprobe": "[0, inf)",
 }
 # list keys whose number of elements is fixed (min, max; None = no upper bound)
 LENGTHS: dict[str, tuple[int, int | None]] = {"learning_rate_scheduler": (2, 2), "topk": (1, None),
                                                "metrics": (1, None)}
 # string (or list-of-string) keys with a fixed set of values; models declare their own in ``Recommender.choices``
 CHOICES: dict[str, tuple[str, ...]] = {"metrics": METRICS, "missing_imputation": ("zero", "mean", "nn", "graph"),
-                                       "feature_scaling": ("none", "standardize", "l2")}
+                                       "feature_scaling": ("none", "standardize", "l2"),
+                                       "precision": ("fp32", "bf16", "fp16"), "knn_backend": KNN_BACKENDS}
 
 
 _INTERVAL_FORM = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])")

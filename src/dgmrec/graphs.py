@@ -13,6 +13,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from dgmrec import knn
+
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 # ------------------------------------------------------------------------------------------- sparse helpers
@@ -33,11 +35,18 @@ def to_torch_csr(m: sp.spmatrix, device: torch.device | str = "cpu") -> torch.Te
     )
 
 
+def sparse_mm(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``a @ x`` for a sparse ``a``, in float32 also inside an autocast region (the sparse kernels have no
+    bfloat16 path, and a graph's weights keep their precision)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return torch.sparse.mm(a, x.float().contiguous())
+
+
 class _SparseMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.a_t = a_t
-        return torch.sparse.mm(a, x.contiguous())
+        return sparse_mm(a, x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -58,7 +67,7 @@ class SparseOp:
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:
             return _SparseMM.apply(self.a, self.a_t, x)
-        return torch.sparse.mm(self.a, x.contiguous())
+        return sparse_mm(self.a, x)
 
     def rows(self, index: torch.Tensor | np.ndarray) -> SparseOp:
         """The operator made of the given rows of ``A`` (in that order)."""
@@ -141,6 +150,7 @@ def knn_edges(
     binarize: bool = False,
     chunk_size: int = 2048,
     exclude_columns: np.ndarray | None = None,
+    backend: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cosine top-``k`` neighbours of every row, as raw (unnormalised) edges ``(rows, cols, weights)``.
 
@@ -148,10 +158,13 @@ def knn_edges(
     as weight (1 when ``binarize``). Rows in ``isolate`` keep only a self-loop of weight 1 and nobody links to
     them; ``isolate_before_topk`` removes them from the candidates before the top-k (others get k neighbours),
     otherwise after (others may be left with fewer). All-zero rows are isolated. ``exclude_columns`` removes
-    those items from every row's candidates.
+    those items from every row's candidates (their similarity counts as 0, as does an isolated column's before
+    the top-k). ``backend`` is a search method of :mod:`dgmrec.knn` (``torch``, ``flat``, ``ivf``); by default
+    the configured one for this number of rows (:func:`dgmrec.knn.method_for`). ``torch`` and ``flat`` are
+    exact; ``ivf`` may miss some neighbours (and then keeps the next best).
     """
     xt = torch.as_tensor(x, dtype=torch.float32)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device_type=xt.device.type, enabled=False):  # similarities in float32
         xn, zero = normalize_rows(xt)
         n = xn.shape[0]
         iso = torch.zeros(n, dtype=torch.bool, device=xn.device)
@@ -159,6 +172,11 @@ def knn_edges(
             iso |= torch.as_tensor(np.asarray(isolate, dtype=bool), device=xn.device)
         iso |= zero
         kk = min(k, n)
+        method = backend or knn.method_for(n)
+        if method != "torch":
+            excluded = None if exclude_columns is None else np.asarray(exclude_columns, dtype=bool)
+            return _searched_knn_edges(xn.cpu().numpy(), zero.cpu().numpy(), iso.cpu().numpy(), excluded, kk,
+                                       isolate_before_topk, binarize, method)
         rows, cols, vals = [], [], []
         excl = None
         if exclude_columns is not None:
@@ -192,6 +210,36 @@ def knn_edges(
     return r_all.astype(np.int64), c_all.astype(np.int64), v_all
 
 
+def _searched_knn_edges(xn: np.ndarray, zero: np.ndarray, iso: np.ndarray, excluded: np.ndarray | None, kk: int,
+                        isolate_before_topk: bool, binarize: bool,
+                        method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`knn_edges` through a faiss index: the same edges as the exact chunked search (``flat``).
+
+    The exact search takes the top-``kk`` of a row in which excluded (and, before the top-k, isolated) columns
+    read 0 and drops zero entries; a negative similarity therefore survives only when fewer than ``kk`` entries
+    lie above it, the ``n_zero`` zeroed columns included. The index holds the other columns and applies that rule.
+    """
+    n = xn.shape[0]
+    cand = ~zero
+    if excluded is not None:
+        cand &= ~excluded
+    if isolate_before_topk:
+        cand &= ~iso
+    n_zero = n - int(cand.sum())  # columns read as 0 by the exact search
+    queries = np.flatnonzero(~iso)
+    sims, idx = knn.search(xn, queries, np.flatnonzero(cand), kk, method)
+    rank = np.arange(kk)[None, :]
+    keep = (idx >= 0) & (sims != 0) & ((sims > 0) | (rank + n_zero < kk))
+    if not isolate_before_topk:
+        keep &= ~iso[np.maximum(idx, 0)]
+    rows = np.broadcast_to(queries[:, None], idx.shape)[keep]
+    cols = idx[keep]
+    vals = np.ones(len(cols), dtype=np.float32) if binarize else sims[keep].astype(np.float32)
+    iso_idx = np.flatnonzero(iso)
+    return (np.concatenate([rows, iso_idx]).astype(np.int64), np.concatenate([cols, iso_idx]).astype(np.int64),
+            np.concatenate([vals, np.ones(len(iso_idx), dtype=np.float32)]))
+
+
 def sym_row_normalize(m: sp.spmatrix) -> sp.csr_matrix:
     """``K_ij / sqrt(r_i r_j)`` with ``r`` the row sums (directed graphs; 1/sqrt(0) -> 0)."""
     m = sp.csr_matrix(m, dtype=np.float32)
@@ -211,9 +259,10 @@ def knn_graph(
     binarize: bool = False,
     normalize: bool = True,
     chunk_size: int = 2048,
+    backend: str | None = None,
 ) -> sp.csr_matrix:
     """A per-modality item kNN graph (see :func:`knn_edges`), normalised with :func:`sym_row_normalize`."""
-    r, c, v = knn_edges(x, k, isolate, isolate_before_topk, binarize, chunk_size)
+    r, c, v = knn_edges(x, k, isolate, isolate_before_topk, binarize, chunk_size, backend=backend)
     n = int(torch.as_tensor(x).shape[0])
     m = sp.csr_matrix((v, (r, c)), shape=(n, n), dtype=np.float32)
     m.sum_duplicates()

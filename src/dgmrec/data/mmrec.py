@@ -6,6 +6,9 @@ columns are ignored), one ``<modality>_feat.npy`` per modality (row = item id, a
 ``user_ids.csv`` / ``item_ids.csv`` (``userID,original_id`` / ``itemID,original_id``: internal index -> original
 id). All-NaN feature rows mark content that is really missing. A folder without feature files loads with no
 modality (for the models that use no features).
+Feature files larger than :data:`MMAP_MIN_BYTES` are memory-mapped rather than read: their pages are read from
+disk on use and can be dropped again, so a catalogue whose raw features do not fit in memory next to the model's
+(imputed) copy still loads.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ ITEM_IDS_NAME = "item_ids.csv"
 
 
 REFERENCE_ORDER = ("image", "text", "audio")
+MMAP_MIN_BYTES = 1 << 30  # feature files at least this large are memory-mapped (float32 files without a copy)
+_ROW_BLOCK_BYTES = 64 << 20  # rows checked at once for NaN / infinity
 
 
 def order_modalities(names: Sequence[str]) -> list[str]:
@@ -95,10 +100,15 @@ def read_inter(path: Path) -> pd.DataFrame:
 
 
 def load_features(path: Path) -> np.ndarray:
-    """Load one ``<modality>_feat.npy`` as float32 (float16/float64 converted); no pickle allowed."""
+    """Load one ``<modality>_feat.npy`` as float32 (float16/float64 converted); no pickle allowed.
+
+    A file of at least :data:`MMAP_MIN_BYTES` is memory-mapped read-only (a float32 C-order file is returned as
+    the map itself; another dtype is converted into memory).
+    """
     src = str(path)
     try:
-        x = np.load(path, allow_pickle=False)
+        big = path.stat().st_size >= MMAP_MIN_BYTES
+        x = np.load(path, allow_pickle=False, mmap_mode="r" if big else None)
     except ValueError as exc:
         raise DataError(f"not a plain numeric .npy array ({exc})", source=src) from None
     except Exception as exc:
@@ -107,20 +117,27 @@ def load_features(path: Path) -> np.ndarray:
         raise DataError(f"feature dtype {x.dtype} is not numeric", source=src)
     if x.ndim != 2:
         raise DataError(f"features must be a 2-D (items x dims) matrix, got shape {x.shape}", source=src)
+    if isinstance(x, np.memmap) and x.dtype == np.float32 and x.flags.c_contiguous:
+        return x
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def missing_rows(x: np.ndarray, source: str) -> np.ndarray:
-    """Rows that are entirely NaN (real missing content); reject partial NaN and any infinity."""
-    finite = np.isfinite(x)
-    nan = np.isnan(x)
-    all_nan = nan.all(axis=1)
-    bad = ~finite.all(axis=1) & ~all_nan
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        kind = "inf" if np.isinf(x[row]).any() else "NaN"
-        raise DataError(f"row {row} contains {kind} values (only whole-NaN rows may mark missing items)",
-                        source=source)
+    """Rows that are entirely NaN (real missing content); reject partial NaN and any infinity.
+
+    Checked in blocks of rows, so the temporary masks stay small for memory-mapped files."""
+    step = max(1, _ROW_BLOCK_BYTES // max(1, x.shape[1] * x.itemsize))
+    all_nan = np.zeros(x.shape[0], dtype=bool)
+    for start in range(0, x.shape[0], step):
+        block = np.asarray(x[start:start + step])
+        nan_rows = np.isnan(block).all(axis=1)
+        bad = ~np.isfinite(block).all(axis=1) & ~nan_rows
+        if bad.any():
+            row = start + int(np.flatnonzero(bad)[0])
+            kind = "inf" if np.isinf(x[row]).any() else "NaN"
+            raise DataError(f"row {row} contains {kind} values (only whole-NaN rows may mark missing items)",
+                            source=source)
+        all_nan[start:start + step] = nan_rows
     return all_nan
 
 

@@ -3,6 +3,11 @@
 Every item is scored for every evaluated user; the user's *training* items are masked (score -1e10; validation
 items are not masked when testing); the top ``max(K)`` list is taken; users with no training interaction are
 dropped. Metrics are averaged over users with at least one ground-truth item in the split.
+
+Ranked lists order items by decreasing score and, among equal scores, by increasing item id, so they are the
+same however the work is split. Scores are computed for blocks of at most ``block`` (user, item) pairs: users
+in batches and, when a batch times the catalogue exceeds the block, items in chunks whose top-K lists are
+merged, so memory stays bounded for any number of items.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from dgmrec.evaluation.metrics import METRICS, metrics_from_hits, summarize
 
 MASK_SCORE = -1e10
+BLOCK = 2**26  # (user, item) scores held at once: 256 MB of float32
 
 
 @dataclass
@@ -40,24 +46,88 @@ class SplitTruth:
         return cls(users=users, truth=m[users])
 
 
-def rank_items(score_fn: Callable[[torch.Tensor], torch.Tensor], users: np.ndarray, exclude: sp.csr_matrix | None,
-               k: int, batch_size: int = 4096, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` items and scores for ``users``, with the items of ``exclude`` (rows = all users) masked."""
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` largest scores and their columns: by decreasing score, equal scores by increasing column.
+
+    :func:`torch.topk` alone picks among equal scores in an order that depends on the row length and ``k``;
+    here rows whose ``k``-th score is shared by a column left out take the lowest tied columns instead.
+    """
+    k = min(k, scores.shape[1])
+    v, idx = torch.topk(scores, k, dim=1)
+    kth = v[:, -1:]
+    open_ties = torch.nonzero(((scores == kth).sum(1) > (v == kth).sum(1)) & ~kth.isnan().squeeze(1)).squeeze(1)
+    if len(open_ties):
+        sub, t = scores[open_ties], kth[open_ties]
+        tied = sub == t
+        wanted = k - (sub > t).sum(1, keepdim=True)  # tied columns that fit into the list
+        chosen = (sub > t) | (tied & (tied.cumsum(1) <= wanted))
+        cols = torch.nonzero(chosen)[:, 1].view(len(open_ties), k)  # k per row, in column order
+        idx[open_ties], v[open_ties] = cols, sub.gather(1, cols)
+    return _ordered(v, idx, k)
+
+
+def _ordered(v: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` of each row's (score, id) pairs by decreasing score, then increasing id."""
+    by_id = idx.argsort(dim=1)
+    v, idx = v.gather(1, by_id), idx.gather(1, by_id)
+    order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
+    return v.gather(1, order), idx.gather(1, order)
+
+
+def rank_items(score_fn: Callable[..., torch.Tensor], users: np.ndarray, exclude: sp.csr_matrix | None,
+               k: int, batch_size: int = 4096, device: torch.device | str = "cpu", n_items: int | None = None,
+               block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` items and scores for ``users``, with the items of ``exclude`` (rows = all users) masked.
+
+    ``score_fn(users)`` scores every item; when a batch of users times ``n_items`` (default: the columns of
+    ``exclude``) exceeds ``block``, it is called as ``score_fn(users, items)`` with ``items`` a slice of item
+    ids (as :meth:`Recommender.score_users` accepts) and the chunks' top-``k`` lists are merged. Lists follow the
+    module's order (equal scores: lower item id first), so chunked and whole-catalogue ranking agree.
+    """
+    if n_items is None and exclude is not None:
+        n_items = exclude.shape[1]
     tops, scores = [], []
     with torch.no_grad():
         for start in range(0, len(users), batch_size):
             batch = users[start:start + batch_size]
-            s = score_fn(torch.as_tensor(batch, dtype=torch.long, device=device)).float().contiguous()
-            if exclude is not None:
-                sub = exclude[batch].tocoo()
-                s[torch.as_tensor(sub.row, dtype=torch.long, device=s.device),
-                  torch.as_tensor(sub.col, dtype=torch.long, device=s.device)] = MASK_SCORE
-            v, idx = torch.topk(s, min(k, s.shape[1]), dim=1)
+            u = torch.as_tensor(batch, dtype=torch.long, device=device)
+            masked = exclude[batch].tocoo() if exclude is not None else None
+            chunk = n_items if n_items is None else max(k, block // max(1, len(batch)))
+            if n_items is None or chunk >= n_items:
+                v, idx = top_k(_masked(score_fn(u), masked, 0), k)
+            else:
+                v, idx = _chunked_top_k(score_fn, u, masked, k, n_items, chunk)
             tops.append(idx.cpu().numpy())
             scores.append(v.cpu().numpy())
     if not tops:
         return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
     return np.concatenate(tops), np.concatenate(scores)
+
+
+def _masked(s: torch.Tensor, masked: sp.coo_matrix | None, offset: int) -> torch.Tensor:
+    """Float32 scores of columns ``offset..`` with the masked (row, item) pairs set to :data:`MASK_SCORE`."""
+    s = s.float().contiguous()
+    if masked is not None:
+        inside = (masked.col >= offset) & (masked.col < offset + s.shape[1])
+        s[torch.as_tensor(masked.row[inside], dtype=torch.long, device=s.device),
+          torch.as_tensor(masked.col[inside] - offset, dtype=torch.long, device=s.device)] = MASK_SCORE
+    return s
+
+
+def _chunked_top_k(score_fn: Callable[..., torch.Tensor], users: torch.Tensor, masked: sp.coo_matrix | None, k: int,
+                   n_items: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` over all items from the top-``k`` lists of item chunks (the order is total, so they merge)."""
+    best_v = best_i = None
+    for a in range(0, n_items, chunk):
+        b = min(n_items, a + chunk)
+        v, idx = top_k(_masked(score_fn(users, slice(a, b)), masked, a), k)
+        idx = idx + a
+        if best_v is None or best_i is None:
+            best_v, best_i = v, idx
+        else:
+            best_v, best_i = _ordered(torch.cat([best_v, v], 1), torch.cat([best_i, idx], 1), k)
+    assert best_v is not None and best_i is not None
+    return best_v, best_i
 
 
 def evaluate_ranking(topk: np.ndarray, truth: sp.csr_matrix, ks: Sequence[int],
@@ -78,6 +148,7 @@ class Evaluator:
     ks: tuple[int, ...] = (10, 20, 50)
     metrics: tuple[str, ...] = METRICS
     batch_size: int = 4096
+    block: int = BLOCK  # (user, item) scores computed at once (see rank_items)
 
     @classmethod
     def from_pairs(cls, train: sp.csr_matrix, pairs: dict[str, np.ndarray], ks: Sequence[int] = (10, 20, 50),
@@ -89,6 +160,7 @@ class Evaluator:
                  device: torch.device | str = "cpu") -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """Mean metrics and per-user vectors (aligned with ``splits[split].users``)."""
         st = self.splits[split]
-        topk, _ = rank_items(score_fn, st.users, self.train, max(self.ks), self.batch_size, device)
+        topk, _ = rank_items(score_fn, st.users, self.train, max(self.ks), self.batch_size, device,
+                             block=self.block)
         per_user = evaluate_ranking(topk, st.truth, self.ks, self.metrics)
         return summarize(per_user), per_user

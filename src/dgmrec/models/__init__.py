@@ -14,6 +14,7 @@ import torch
 
 from dgmrec.data.dataset import RecDataset
 from dgmrec.errors import ConfigError
+from dgmrec.knn import set_knn_options
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
 # name -> module; imported lazily so that one model's import cost is not paid by the others
@@ -74,6 +75,7 @@ def build_model(name: str, ds: RecDataset, config: Mapping[str, Any],
     a reproducible model.
     """
     cls = get_model_class(name)
+    set_knn_options(config)  # how the model's kNN graphs are searched (dgmrec.knn)
     data = ModelInput.from_dataset(ds, device=device, config=config)
     return cls(data, config).to(device)
 

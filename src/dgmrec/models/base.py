@@ -159,12 +159,13 @@ class Recommender(nn.Module):
         with torch.no_grad():
             self._eval_cache = self.final_embeddings()
 
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        """Scores of every item for ``users`` (call :meth:`prepare_eval` first)."""
+    def score_users(self, users: torch.Tensor, items: slice | None = None) -> torch.Tensor:
+        """Scores of every item (or of the items of the slice ``items``) for ``users`` (call :meth:`prepare_eval`
+        first). The evaluation asks for item slices when the catalogue is large."""
         if self._eval_cache is None:
             raise RuntimeError("call prepare_eval() before score_users()")
         user_rep, item_rep = self._eval_cache
-        return user_rep[users] @ item_rep.T
+        return user_rep[users] @ (item_rep if items is None else item_rep[items]).T
 
     def train(self, mode: bool = True) -> Recommender:
         self._eval_cache = None  # parameters are about to change

@@ -43,6 +43,8 @@ class Content(Recommender):
     """Cosine between a user's mean content profile and the item content, averaged over modalities."""
 
     name = "Content"
+    summary = "content-only floor: cosine between a user's mean content profile and each item's content"
+    missing_aware = True  # missing rows are skipped, never imputed
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"content_scaling": SCALINGS}
     min_modalities = 1
 

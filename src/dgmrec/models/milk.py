@@ -201,9 +201,9 @@ class MILK(Recommender):
         with torch.no_grad():
             self._cache = self.item_vectors()
 
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
+    def score_users(self, users: torch.Tensor, items: slice | None = None) -> torch.Tensor:
         assert self._cache is not None, "call prepare_eval() first"
-        return self.user_embedding[users] @ self._cache.T
+        return self.user_embedding[users] @ (self._cache if items is None else self._cache[items]).T
 
     def train(self, mode: bool = True) -> MILK:
         self._cache = None

@@ -25,7 +25,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +39,10 @@ from dgmrec.data.dataset import RecDataset
 from dgmrec.data.spec import DatasetSpec
 from dgmrec.errors import ConfigError
 from dgmrec.evaluation.protocol import Evaluator
-from dgmrec.models.base import Recommender
+from dgmrec.models.base import Batch, LossOutput, Recommender
 from dgmrec.training.checkpoint import check_fingerprint, dataset_fingerprint, load_checkpoint, save_atomic
 from dgmrec.training.curves import CURVES_NAME, plot_curves
+from dgmrec.training.precision import Precision, set_threads
 from dgmrec.training.sampler import NegativeSampler
 
 logger = logging.getLogger("dgmrec")
@@ -127,6 +128,7 @@ class Trainer:
         check_values(config, model.name)
         for note in self.notes:
             logger.warning("note: %s", note)
+        set_threads(config)
         self.model = model
         self.ds = dataset
         self.config = dict(config)
@@ -143,6 +145,7 @@ class Trainer:
         self.with_negatives = bool(cfg.get("use_neg_sampling", True))
         self.bpr_below = float(cfg["stopping_bpr_below"])
         self.min_steps = int(cfg.get("stopping_min_steps", 0))
+        self.precision = Precision(str(cfg.get("precision", "fp32")), self.device)
         groups = model.optimizer_groups()
         # the fused kernel updates all parameters in one pass (same maths as the per-parameter loop)
         self.optimizer = torch.optim.Adam(groups, lr=float(cfg["learning_rate"]),
@@ -213,13 +216,14 @@ class Trainer:
             raise ConfigError(f"nothing to resume: no checkpoint.pt in {ckpt.parent}", source="--resume")
         state = load_checkpoint(ckpt, self.device)
         check_fingerprint(state["dataset"], self.ds, str(ckpt))
-        if state["config"] != _plain(self.config) or state["model_name"] != self.model.name:
+        if _settings(state["config"]) != _settings(self.config) or state["model_name"] != self.model.name:
             raise ConfigError("--resume with a different model or configuration than the interrupted run",
                               source=str(ckpt))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.set_state(state["rng_sampler"])
+        self.precision.load(state.get("grad_scaler"))
         torch.set_rng_state(state["rng_torch"])
         self.stopper.load(state["stopper"])
         self.history = list(state["history"])
@@ -270,18 +274,13 @@ class Trainer:
             entry.update(_round(pre))
         totals: dict[str, float] = {}
         n_batches = 0
-        for batch in self.sampler.epoch(self.batch_size, self.with_negatives):
-            self.optimizer.zero_grad(set_to_none=True)
-            out = model.loss(batch)
-            if not torch.isfinite(out.total):
-                raise FloatingPointError(f"loss became {out.total.item()} at epoch {epoch}")
-            if out.total.requires_grad:  # a model without trainable parameters (Content) has no gradient
-                out.total.backward()
-            self.optimizer.step()
+        for batch in self.batches():
+            out = self.train_step(batch, epoch)
             totals["loss"] = totals.get("loss", 0.0) + float(out.total.detach())
             for k, v in out.parts.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n_batches += 1
+        totals, n_batches = self.reduce_totals(totals, n_batches)
         post = model.after_epoch(epoch)
         if post:
             entry.update(_round(post))
@@ -294,6 +293,30 @@ class Trainer:
         self.fitting = self.fitting or entry.get("bpr", 0.0) < self.bpr_below
         return entry
 
+    def batches(self) -> Iterator[Batch]:
+        """The training batches of one epoch (a distributed trainer yields this process's share of each)."""
+        return self.sampler.epoch(self.batch_size, self.with_negatives)
+
+    def train_step(self, batch: Batch, epoch: int) -> LossOutput:
+        """One optimiser step: the loss under the run's precision, its gradients, :meth:`reduce_gradients`."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.precision.autocast():
+            out = self.model.loss(batch)
+        if not torch.isfinite(out.total):
+            raise FloatingPointError(f"loss became {out.total.item()} at epoch {epoch}")
+        if out.total.requires_grad:  # a model without trainable parameters (Content) has no gradient
+            self.precision.backward(out.total)
+        self.reduce_gradients()
+        self.precision.step(self.optimizer)
+        return out
+
+    def reduce_gradients(self) -> None:
+        """Combine the gradients of the processes of a distributed run (nothing to do in one process)."""
+
+    def reduce_totals(self, totals: dict[str, float], n_batches: int) -> tuple[dict[str, float], int]:
+        """The epoch's summed loss parts and batch count over all processes (here: this process's own)."""
+        return totals, n_batches
+
     def evaluate(self, epoch: int) -> dict[str, Any]:
         """Validation metrics; on a new best also the test splits, the per-user CSVs and ``best.pt``.
 
@@ -305,13 +328,13 @@ class Trainer:
         t1 = time.perf_counter()
         model.eval()
         model.before_evaluation(epoch)
-        with torch.no_grad():
+        with torch.no_grad(), self.precision.evaluation():
             model.prepare_eval()
             valid, valid_users = evaluator.evaluate(model.score_users, "valid", self.device)
         self.eval_seconds.append(time.perf_counter() - t1)
         out: dict[str, Any] = {"valid": _round(valid), "eval_seconds": round(self.eval_seconds[-1], 4)}
         if self.stopper.update(valid[self.valid_metric], epoch, self.patience_counts(epoch)):
-            with torch.no_grad():
+            with torch.no_grad(), self.precision.evaluation():
                 tests = {s: evaluator.evaluate(model.score_users, s, self.device)
                          for s in evaluator.splits if s != "valid"}
             out.update({s: _round(v[0]) for s, v in tests.items()})
@@ -336,7 +359,7 @@ class Trainer:
             "rng_torch": torch.get_rng_state(), "stopper": self.stopper.state(), "history": self.history,
             "best_eval": self.best_eval, "epoch": self.epoch, "config": _plain(self.config),
             "model_name": self.model.name, "dataset": self.fingerprint, "train_seconds": self.train_seconds,
-            "eval_seconds": self.eval_seconds, "loss_keys": self.loss_keys,
+            "eval_seconds": self.eval_seconds, "loss_keys": self.loss_keys, "grad_scaler": self.precision.state(),
         }, self.checkpoint_path)
 
     def results(self) -> dict[str, Any]:
@@ -424,6 +447,14 @@ def clear_run(out_dir: str | Path) -> None:
 
 def _plain(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(cfg.items())}
+
+
+# keys that change how fast a run goes, not what it computes: a run may resume with other values
+EXECUTION_KEYS = ("threads",)
+
+
+def _settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in _plain(cfg).items() if k not in EXECUTION_KEYS}
 
 
 def _progress(enabled: bool, total: int, initial: int, desc: str) -> Any:
