@@ -41,7 +41,8 @@ KNOWN_IMPORT_NAMES = {
 # modules that belong to an optional extra (everything else must run on the base install)
 EXTRA_OF_MODULE = {"dgmrec.features": "features", "dgmrec.cli_features": "features",
                    "dgmrec.experiments.tuning": "experiments", "dgmrec.experiments.analyses": "experiments",
-                   "dgmrec.knn": "scale"}  # imports faiss only when asked for it (the base install uses torch)
+                   "dgmrec.knn": "scale",  # imports faiss only when asked for it (the base install uses torch)
+                   "dgmrec.serving": "serve"}
 
 
 def _dist_name(requirement: str) -> str:

@@ -21,9 +21,8 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import RequestValidationError, StarletteHTTPException
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dgmrec.errors import InputError
 from dgmrec.serving.schemas import (
