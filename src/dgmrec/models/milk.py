@@ -89,6 +89,7 @@ class MILK(Recommender):
 
     name = "MILK"
     choices = _CHOICES
+    cold_start_capable = False  # scores with its own cache, not final_embeddings
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)
