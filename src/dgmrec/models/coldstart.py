@@ -64,7 +64,7 @@ class ColdStartOptions:
 
     method: str = "none"
     k: int = 20
-    ridge: float = 10.0
+    ridge: float = 1.0
     calibration: str = "spread"
     spread: float = 1.0
 
