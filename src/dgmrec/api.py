@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,8 @@ from dgmrec.training.checkpoint import check_fingerprint, load_checkpoint
 from dgmrec.training.precision import set_threads
 from dgmrec.training.trainer import Trainer, clear_run, holds_run, resolve_device, seed_everything
 
-__all__ = ["SYNTHETIC", "ConfigView", "DatasetSpec", "LoadedRun", "explain_config", "generate", "load_dataset",
-           "load_run", "recommend", "retrieval", "train"]
+__all__ = ["SYNTHETIC", "AddedItems", "ConfigView", "DatasetSpec", "LoadedRun", "add_items", "explain_config",
+           "generate", "load_dataset", "load_run", "recommend", "retrieval", "train"]
 
 
 def dataset_spec(
@@ -174,14 +174,18 @@ class LoadedRun:
     config: dict[str, Any]
     run: dict[str, Any]
     spec: DatasetSpec
+    run_dir: Path | None = None
+    added_ids: list[str] = field(default_factory=list)  # items added after training (add_items), in order
 
 
 def load_run(run_dir: str | Path, device: str | None = "cpu",
-             data: DatasetSpec | str | Path | None = None) -> LoadedRun:
+             data: DatasetSpec | str | Path | None = None, added_items: str | Path | None = None) -> LoadedRun:
     """Rebuild the dataset of a run from its recorded spec and load its best checkpoint (``weights_only=True``).
 
     ``data`` replaces the recorded dataset: a whole spec, or a folder that takes the place of the recorded one
     (with the recorded modalities, mask and setting). Runs written before specs were recorded are read too.
+    Items added after training (:func:`add_items`) are added again, from ``RUN_DIR/added_items`` or from the
+    record folder ``added_items``.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -213,7 +217,8 @@ def load_run(run_dir: str | Path, device: str | None = "cpu",
         raise DataError(f"checkpoint does not match the model ({str(exc).splitlines()[0]})",
                         source=str(run_dir / "best.pt")) from None
     model.eval()
-    return LoadedRun(model=model, dataset=ds, config=cfg, run=run, spec=spec)
+    loaded = LoadedRun(model=model, dataset=ds, config=cfg, run=run, spec=spec, run_dir=run_dir)
+    return _reapply_added(loaded, Path(added_items) if added_items is not None else run_dir / ADDED_ITEMS_DIR)
 
 
 def recommend(run: str | Path | LoadedRun, k: int = 10, users: Sequence[str | int] | None = None,
@@ -337,3 +342,164 @@ def _truth_order(folder: Path, ds: RecDataset) -> np.ndarray | None:
         raise DataError("its items are not the run's items (item_ids.csv differs)", source=str(folder))
     position = {v: i for i, v in enumerate(truth_ids)}
     return np.asarray([position[v] for v in ds.item_ids], dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------- items added to a trained run
+ADDED_ITEMS_DIR = "added_items"
+
+
+@dataclass
+class AddedItems:
+    """What :func:`add_items` did: the run with the items added, their item indices and ids, the record folder."""
+
+    run: LoadedRun
+    items: np.ndarray  # indices of the added items in the run's item range (recommend's ``item`` column)
+    ids: list[str]
+    folder: Path | None
+
+
+def add_items(run: str | Path | LoadedRun, features: Mapping[str, np.ndarray],
+              item_ids: Sequence[str] | None = None, out: str | Path | None = None,
+              device: str | None = "cpu") -> AddedItems:
+    """Add items to a trained run without retraining: they become recommendable at once.
+
+    ``features`` maps modality names to ``(n, d_m)`` matrices of the new items, in the stored (unscaled) space
+    of the run's dataset; a NaN row, or a modality left out, is unobserved. The model generates what the items
+    lack (their collaborative representation from their content, see ``docs/dgmrec.md``, "Cold start"; DGMRec
+    also their missing modalities). The items get the indices ``n_items, n_items + 1, ...`` of the run and the
+    ids ``item_ids`` (default: those indices as strings).
+
+    The additions are recorded, cumulatively, in ``out`` (default ``RUN_DIR/added_items``: ``<modality>.npy``
+    with NaN rows where unobserved, ``observed.npy``, ``ids.txt``, ``generated_<modality>.npy`` for models that
+    generate features) and :func:`load_run` adds them again; the checkpoint is never modified.
+    """
+    lr = run if isinstance(run, LoadedRun) else load_run(run, device)
+    ds = lr.dataset
+    raw, observed = _check_added_features(ds, features)
+    n = len(observed)
+    start = ds.n_items
+    ids = [str(start + i) for i in range(n)] if item_ids is None else [str(i) for i in item_ids]
+    if len(ids) != n:
+        raise InputError(f"{len(ids)} ids for {n} items", source="item_ids")
+    taken = set(lr.added_ids)
+    dup = next((i for k, i in enumerate(ids) if i in taken or i in ids[:k] or not i.strip()), None)
+    if dup is not None:
+        raise InputError(f"item id {dup!r} is empty or already used", source="item_ids")
+    folder = Path(out) if out is not None else (lr.run_dir / ADDED_ITEMS_DIR if lr.run_dir is not None else None)
+    if folder is None:
+        raise InputError("this loaded run has no run directory; pass out= to record the added items", source="out")
+    _apply_added(lr, raw, observed, ids)
+    _record_added(lr, folder)
+    return AddedItems(run=lr, items=np.arange(start, start + n), ids=ids, folder=folder)
+
+
+def _check_added_features(ds: RecDataset, features: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                                                      np.ndarray]:
+    """Every modality's ``(n, d_m)`` float32 matrix (NaN rows where unobserved) and the observed mask."""
+    if not isinstance(features, Mapping) or not features:
+        raise InputError("no features given: pass a mapping modality -> (n, d) matrix", source="features")
+    unknown = [m for m in features if m not in ds.features]
+    if unknown:
+        raise InputError(f"unknown modality {unknown[0]!r}; the run has: {', '.join(ds.modalities)}",
+                         source="features")
+    arrays: dict[str, np.ndarray] = {}
+    for m, x in features.items():
+        try:
+            a = np.asarray(x, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InputError(f"modality '{m}' is not a numeric matrix", source="features") from None
+        width = ds.features[m].shape[1]
+        if a.ndim != 2 or a.shape[1] != width:
+            raise InputError(f"modality '{m}' has shape {a.shape}, expected (n, {width})", source="features")
+        if np.isinf(a).any():
+            raise InputError(f"modality '{m}' has infinite values", source="features")
+        partial = np.isnan(a).any(axis=1) & ~np.isnan(a).all(axis=1)
+        if partial.any():
+            raise InputError(f"row {int(np.flatnonzero(partial)[0])} of modality '{m}' is partly NaN (a row is "
+                             f"either observed, all finite, or unobserved, all NaN)", source="features")
+        arrays[m] = a
+    sizes = {len(a) for a in arrays.values()}
+    if len(sizes) != 1 or 0 in sizes:
+        raise InputError(f"the modalities have different or zero numbers of rows: {sorted(sizes)}", source="features")
+    n = sizes.pop()
+    raw = {m: arrays.get(m, np.full((n, ds.features[m].shape[1]), np.nan, dtype=np.float32)) for m in ds.modalities}
+    observed = np.stack([~np.isnan(raw[m]).all(axis=1) for m in ds.modalities], axis=1)
+    return raw, observed
+
+
+def _base_scaler(lr: LoadedRun) -> tuple[Any, np.ndarray]:
+    """The run's feature scaler, fitted on the trained items only, and those items' reference mask."""
+    from dgmrec.data.impute import FeatureOptions
+    from dgmrec.data.scaling import FeatureScaler
+
+    ds = lr.dataset
+    base = ds.n_items - len(lr.added_ids)
+    reference = np.ones(base, dtype=bool) if ds.new_items is None else ~ds.new_items[:base]
+    scaling = FeatureOptions.from_config(lr.config).scaling
+    scaler = FeatureScaler.fit({m: ds.features[m][:base] for m in ds.modalities}, ds.observed[:base], scaling,
+                               reference)
+    return scaler, reference
+
+
+def _apply_added(lr: LoadedRun, raw: Mapping[str, np.ndarray], observed: np.ndarray, ids: Sequence[str]) -> None:
+    """Hand the items to the model (scaled like the run's features, unobserved rows filled with the mean observed
+    row of the trained reference items) and extend the run's dataset with them."""
+    ds = lr.dataset
+    scaler, reference = _base_scaler(lr)
+    base = len(reference)
+    model_rows = {}
+    for j, m in enumerate(ds.modalities):
+        x = scaler.transform(m, np.nan_to_num(raw[m], nan=0.0))
+        ref = ds.observed[:base, j] & reference
+        fill = scaler.transform(m, ds.features[m][:base][ref]).mean(axis=0) if ref.any() else np.zeros(x.shape[1])
+        model_rows[m] = torch.as_tensor(np.where(observed[:, j, None], x, fill).astype(np.float32))
+    lr.model.add_items(model_rows, torch.as_tensor(observed))
+    lr.dataset = replace(
+        ds, n_items=ds.n_items + len(observed),
+        features={m: np.concatenate([ds.features[m], raw[m]]) for m in ds.modalities},
+        observed=np.concatenate([ds.observed, observed]),
+        new_items=None if ds.new_items is None else np.concatenate([ds.new_items, np.ones(len(observed), bool)]),
+        _train_csr=None)
+    lr.added_ids = [*lr.added_ids, *ids]
+
+
+def _record_added(lr: LoadedRun, folder: Path) -> None:
+    """Write every added item of ``lr`` to ``folder`` (replaced as a whole)."""
+    import shutil
+
+    ds = lr.dataset
+    n = len(lr.added_ids)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for m in ds.modalities:
+        np.save(tmp / f"{m}.npy", ds.features[m][-n:])
+    np.save(tmp / "observed.npy", ds.observed[-n:])
+    (tmp / "ids.txt").write_text("".join(f"{i}\n" for i in lr.added_ids), encoding="utf-8")
+    generated = lr.model.added_generated_features()
+    if generated is not None:
+        scaler, _ = _base_scaler(lr)
+        for m, x in generated.items():
+            np.save(tmp / f"generated_{m}.npy", scaler.inverse(m, x.detach().cpu().numpy()))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.replace(folder)
+
+
+def _reapply_added(lr: LoadedRun, folder: Path) -> LoadedRun:
+    """Add the items recorded in ``folder`` (if it exists) to a freshly loaded run."""
+    if not folder.is_dir():
+        return lr
+    ds = lr.dataset
+    try:
+        ids = [line for line in (folder / "ids.txt").read_text(encoding="utf-8").splitlines() if line]
+        raw = {m: np.load(folder / f"{m}.npy", allow_pickle=False) for m in ds.modalities}
+        observed = np.load(folder / "observed.npy", allow_pickle=False).astype(bool)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"unreadable record of added items ({exc})", source=str(folder)) from None
+    if observed.shape != (len(ids), ds.n_modalities) or any(len(x) != len(ids) for x in raw.values()):
+        raise DataError("the record of added items is inconsistent (ids, features and mask sizes differ)",
+                        source=str(folder))
+    _apply_added(lr, raw, observed, ids)
+    return lr

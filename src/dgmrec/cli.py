@@ -238,6 +238,39 @@ def retrieval(
     console.print(f"results: {target}")
 
 
+@app.command("add-items")
+def add_items(
+    run: Annotated[Path, typer.Option("--run", help="Run directory written by `dgmrec train`.")],
+    features: Annotated[list[Path], typer.Option(
+        "--features", help="Folder of <modality>.npy (or <modality>_feat.npy) files, or such files (repeatable); "
+                           "one row per new item, a NaN row where a modality is unobserved.")],
+    ids: Annotated[Path | None, typer.Option("--ids", help="Text file with one item id per line.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Record folder [default: RUN/added_items].")] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Add items to a trained run from their features: recommendable at once, without retraining."""
+    arrays: dict[str, np.ndarray] = {}
+    for path in [f for p in features for f in (sorted(p.glob("*.npy")) if p.is_dir() else [p])]:
+        name = path.stem.removesuffix("_feat")
+        if name in arrays:
+            raise InputError(f"modality '{name}' is given twice", source=str(path))
+        try:
+            arrays[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read features ({exc})", source=str(path)) from None
+    if not arrays:
+        raise InputError("no .npy feature file found", source="--features")
+    item_ids = None
+    if ids is not None:
+        try:
+            item_ids = [line.strip() for line in ids.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read ids ({exc})", source=str(ids)) from None
+    res = api.add_items(run, arrays, item_ids=item_ids, out=out, device=device)
+    console.print(f"added {len(res.ids)} items (item indices {res.items[0]}..{res.items[-1]}) to {run}; "
+                  f"recorded in {res.folder}")
+
+
 @app.command()
 def models() -> None:
     """List the models: what each is and what it needs (features), handles (missing modalities) or writes."""

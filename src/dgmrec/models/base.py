@@ -27,8 +27,9 @@ from torch import nn
 
 from dgmrec.data.dataset import RecDataset
 from dgmrec.data.impute import FeatureOptions, prepare_features
-from dgmrec.errors import ConfigError, DataError
+from dgmrec.errors import ConfigError, DataError, InputError
 from dgmrec.losses import bpr_loss
+from dgmrec.models.coldstart import ColdStart, ColdStartOptions
 
 
 @dataclass
@@ -127,6 +128,10 @@ class Recommender(nn.Module):
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: the fewest modalities the model works with
     min_modalities: ClassVar[int] = 0
+    #: whether cold items (new items, items added after training) can be given representations generated from
+    #: their content (``cold_start`` options, :meth:`add_items`): models that read features and score with the
+    #: dot product of :meth:`final_embeddings`
+    cold_start_capable: ClassVar[bool] = True
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__()
@@ -145,6 +150,7 @@ class Recommender(nn.Module):
         self.modalities = list(data.modalities)
         self.config = dict(config)
         self.device = data.device
+        self.cold_start = self._cold_start(data, config)
 
     # ---------------------------------------------------------------- required
     def loss(self, batch: Batch) -> LossOutput:
@@ -155,9 +161,13 @@ class Recommender(nn.Module):
         raise NotImplementedError
 
     def prepare_eval(self) -> None:
-        """Compute and cache the final user/item representations for a whole evaluation pass."""
+        """Compute and cache the final user/item representations for a whole evaluation pass (cold items'
+        rows generated from their content when the ``cold_start`` options or :meth:`add_items` ask for it)."""
         with torch.no_grad():
-            self._eval_cache = self.final_embeddings()
+            users, items = self.final_embeddings()
+            if self.cold_start is not None:
+                items = self.cold_start.complete(users, items, self._trained_items)
+            self._eval_cache = users, items
 
     def score_users(self, users: torch.Tensor, items: slice | None = None) -> torch.Tensor:
         """Scores of every item (or of the items of the slice ``items``) for ``users`` (call :meth:`prepare_eval`
@@ -202,6 +212,39 @@ class Recommender(nn.Module):
     def generation_inputs(self) -> dict[str, torch.Tensor] | None:
         """What a generating model decodes into :meth:`generate_for_retrieval`'s features, else None."""
         return None
+
+    # ------------------------------------------------------------ cold start
+    def _cold_start(self, data: ModelInput, config: Mapping[str, Any]) -> ColdStart | None:
+        options = ColdStartOptions.from_config(config)
+        if not (self.uses_features and self.cold_start_capable):
+            if options.method != "none":
+                raise ConfigError(f"{self.name} has no cold-start path; use cold_start: none", source="cold_start")
+            return None
+        self._trained_items = torch.as_tensor(np.asarray(data.train.getnnz(axis=0) > 0).ravel(), device=self.device)
+        cold = data.new_items if data.new_items is not None else torch.zeros(data.n_items, dtype=torch.bool)
+        return ColdStart(options, [data.features[m] for m in data.modalities], data.observed, cold.to(self.device))
+
+    def add_items(self, features: Mapping[str, torch.Tensor], observed: torch.Tensor) -> None:
+        """Make items added after training scorable: they get ids ``n_items, n_items + 1, ...`` in the score matrix.
+
+        ``features`` maps every modality to a float ``(n, d_m)`` matrix in the model's feature space with every
+        unobserved row imputed; ``observed`` is the bool ``(n, M)`` mask. Models with a cold-start path
+        generate the items' representations from their content (:mod:`dgmrec.models.coldstart`).
+        """
+        if self.cold_start is None:
+            raise InputError(f"{self.name} cannot score items added after training (it has no cold-start path "
+                             f"from item content)", source="add_items")
+        self.cold_start.add([features[m].to(self.device).float() for m in self.modalities], observed.to(self.device))
+        self._eval_cache = None
+
+    def added_generated_features(self) -> dict[str, torch.Tensor] | None:
+        """Completed features (model space) of the added items, for models that generate missing modalities."""
+        return None
+
+    @property
+    def n_added_items(self) -> int:
+        """Items added after training (:meth:`add_items`)."""
+        return 0 if self.cold_start is None else self.cold_start.n_added
 
     # ------------------------------------------------------------ extra state
     def get_extra_state(self) -> dict[str, Any]:

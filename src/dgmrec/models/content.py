@@ -47,6 +47,7 @@ class Content(Recommender):
     missing_aware = True  # missing rows are skipped, never imputed
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"content_scaling": SCALINGS}
     min_modalities = 1
+    cold_start_capable = False  # every item is scored from its content already (see add_items)
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)
@@ -66,6 +67,8 @@ class Content(Recommender):
         has_profile = np.stack([np.asarray(train @ observed[:, j].astype(np.float32)).ravel() > 0
                                 for j in range(len(names))], axis=1)
         self.content_modalities = names
+        self._scaler = scaler
+        self._n_added = 0
         # derived from the data on construction: not parameters, not checkpointed
         for key, value in (("user_content", np.hstack(profiles)), ("item_content", np.hstack(items)),
                            ("user_has", has_profile), ("item_has", observed)):
@@ -102,3 +105,17 @@ class Content(Recommender):
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         num = self.user_content[users] @ self.item_content.T
         return self._scores(num, self.user_has[users] @ self.item_has.T)
+
+    def add_items(self, features: Mapping[str, torch.Tensor], observed: torch.Tensor) -> None:
+        """Items added after training are scored like every other item: from their (scaled) content."""
+        cols = [self.modalities.index(m) for m in self.content_modalities]
+        obs = observed[:, cols].cpu().numpy().astype(bool)
+        rows = [_unit_rows(np.where(obs[:, j, None], self._scaler.transform(m, features[m].cpu().numpy()), 0.0))
+                for j, m in enumerate(self.content_modalities)]
+        self.item_content = torch.cat([self.item_content, torch.as_tensor(np.hstack(rows), device=self.device)])
+        self.item_has = torch.cat([self.item_has, torch.as_tensor(obs, dtype=torch.float32, device=self.device)])
+        self._n_added += len(obs)
+
+    @property
+    def n_added_items(self) -> int:
+        return self._n_added

@@ -183,6 +183,7 @@ class DGMRec(Recommender):
             x = data.features[m].detach().clone().float()
             self.features.append(nn.Parameter(x, requires_grad=self.trainable_raw))
         self._table_grad_buffers: list[torch.Tensor] | None = None
+        self.added_features: dict[str, torch.Tensor] = {}  # completed features of items added after training
         self.original_features: list[torch.Tensor] = []
         if self.opts["recon_target"] == "original":
             self.original_features = [data.features[m].detach().clone().float().to(self.device)
@@ -568,6 +569,30 @@ class DGMRec(Recommender):
             x[miss] = gen[m][miss]
             out[m] = x
         return out
+
+    # ------------------------------------------------------- cold start: items added after training (coldstart.py)
+    def add_items(self, features: Mapping[str, torch.Tensor], observed: torch.Tensor) -> None:
+        """Generate the added items' missing modalities, then their representations (the base class's cold path).
+
+        A missing modality's general part comes from the translator on the general features of the item's other
+        modalities (imputed rows where those are missing too), its specific part from the specific generator on
+        a zero preference filter (the item has no users), both decoded into raw features.
+        """
+        super().add_items(features, observed)
+        obs = observed.to(self.device)
+        with torch.no_grad():
+            x = [features[m].to(self.device).float() for m in self.modalities]
+            general = [self.encode(j, x[j])[0] for j in range(self.M)]
+            zero = x[0].new_zeros(len(obs), self.d)
+            for j, m in enumerate(self.modalities):
+                gen_g = self.translator[j](torch.cat([general[k] for k in self.sources[j]], dim=1))
+                gen = self.decoder[j](torch.cat([gen_g, self.specific_generator[j](zero)], dim=1))
+                rows = torch.where(obs[:, j:j + 1], x[j], gen)
+                old = self.added_features.get(m)
+                self.added_features[m] = rows if old is None else torch.cat([old, rows])
+
+    def added_generated_features(self) -> dict[str, torch.Tensor] | None:
+        return self.added_features or None
 
     # ------------------------------------------------------------------------------- checkpointing
     def get_extra_state(self) -> dict[str, Any]:

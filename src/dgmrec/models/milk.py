@@ -91,6 +91,7 @@ class MILK(Recommender):
     summary = "items represented by content only, invariant to the modality mix (new items, 2024)"
     missing_aware = True
     choices = _CHOICES
+    cold_start_capable = False  # scores with its own cache, not final_embeddings
 
     def __init__(self, data: ModelInput, config: Mapping[str, Any]) -> None:
         super().__init__(data, config)

@@ -47,6 +47,10 @@ from dgmrec.training.sampler import NegativeSampler
 
 logger = logging.getLogger("dgmrec")
 
+#: the new-item setting's extra test splits, reported in results.json beside ``test``
+COLD_START_SPLITS = ("test_new_items", "test_cold", "test_warm")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -170,12 +174,18 @@ class Trainer:
         self._opened = False
 
     def _evaluator(self) -> Evaluator:
+        """Validation and test splits; in the new-item setting also the cold-start protocol's three test splits:
+        ``test_new_items`` (hybrid: every item ranked, truth on new items), ``test_cold`` (new items ranked, truth
+        on new items) and ``test_warm`` (old items ranked, truth on old items)."""
         pairs = {"valid": self.ds.valid, "test": self.ds.test}
-        if self.ds.test_new_only is not None:
-            pairs["test_new_items"] = self.ds.test_new_only
+        candidates = {}
+        if self.ds.test_new_only is not None and self.ds.new_items is not None:
+            new = self.ds.new_items.astype(bool)
+            pairs.update(test_new_items=self.ds.test_new_only, test_cold=self.ds.test, test_warm=self.ds.test)
+            candidates = {"test_cold": new, "test_warm": ~new}
         return Evaluator.from_pairs(self.ds.train_matrix(), pairs, ks=[int(k) for k in self.config["topk"]],
                                     metrics=list(self.config["metrics"]),
-                                    batch_size=int(self.config["eval_batch_size"]))
+                                    batch_size=int(self.config["eval_batch_size"]), candidates=candidates)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -385,8 +395,9 @@ class Trainer:
             "dataset_fingerprint": self.fingerprint,
             "notes": list(self.notes),
         }
-        if "test_new_items" in best:
-            results["test_new_items"] = best["test_new_items"]
+        for split in COLD_START_SPLITS:
+            if split in best:
+                results[split] = best[split]
         return results
 
     def write_results(self) -> dict[str, Any]:

@@ -1,0 +1,270 @@
+r"""Cold start: representations of items without training interactions, generated from their content.
+
+A new item (the new-item setting's held-out items, or items added to a trained run) has no collaborative
+signal: its ID embedding was never trained, its preference filters are zero. Its collaborative representation
+is treated as one more missing modality and generated from what the item has, its observed modality features,
+by a map learned on the *old* items (those with training interactions), whose trained representations are
+the targets. The map is fitted on the model's current representations before every evaluation pass, so it
+adds nothing to training and nothing to a checkpoint.
+
+Content. Per modality, the features are standardised with the mean and standard deviation of the observed
+rows of the reference (old) items, then scaled to unit length; unobserved rows are zero and never compared.
+
+Methods (configuration key ``cold_start``):
+
+``none``
+    the model's own representation of new items (the reference behaviour).
+``knn``
+    the mean trained representation of the item's ``cold_start_k`` most similar old items; the similarity of
+    two items is the mean, over the modalities both observe, of the cosine of their content rows. Items
+    without a modality in common with any old item (e.g. an item missing every modality) take the mean of the
+    old items with the same observed pattern (all old items when there are none).
+``ridge``
+    ridge regression (strength ``cold_start_ridge``, relative to the mean input variance) from the content
+    rows and the observed-pattern indicators to the representation.
+
+Calibration (``cold_start_calibration``). A generated representation is an average (``knn``) or a shrunk
+regression estimate (``ridge``), so its scores spread far less than an old item's and a new item would sit
+below every old item in a full ranking. ``spread`` scales every generated row's deviation from the old items'
+mean representation ``\bar y`` by one factor
+
+.. math:: \alpha = s \sqrt{\frac{\operatorname{mean}_{i \in \mathrm{old}} (y_i-\bar y)^\top G (y_i-\bar y)}
+                              {\operatorname{mean}_{i \in \mathrm{held}} (\hat y_i-\bar y)^\top G (\hat y_i-\bar y)}},
+   \qquad G = U^\top U / n_{users},
+
+the ratio of the spread of the users' scores of old items to that of their scores of *generated*
+representations of old items (``held``: up to 2048 evenly spaced old items, each generated without itself,
+``knn``: self excluded from the neighbours, ``ridge``: fitted on the other half), times ``cold_start_spread``
+``s``. The factor depends on the old items only, so an item gets the same representation whether it was a
+new item at training time or added later. ``none`` keeps the generated rows as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dgmrec.errors import ConfigError
+from dgmrec.losses import ridge_fit
+
+COLD_START_METHODS = ("none", "knn", "ridge")
+CALIBRATIONS = ("none", "spread")
+#: old items whose generated representations set the calibration factor (evenly spaced)
+CALIBRATION_SAMPLE = 2048
+_BLOCK = 1024  # cold rows per similarity block
+
+
+@dataclass(frozen=True)
+class ColdStartOptions:
+    """The cold-start configuration keys (``configs/overall.yaml``)."""
+
+    method: str = "none"
+    k: int = 20
+    ridge: float = 1.0
+    calibration: str = "spread"
+    spread: float = 1.0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ColdStartOptions:
+        d = cls()
+        opts = cls(method=str(config.get("cold_start", d.method)), k=int(config.get("cold_start_k", d.k)),
+                   ridge=float(config.get("cold_start_ridge", d.ridge)),
+                   calibration=str(config.get("cold_start_calibration", d.calibration)),
+                   spread=float(config.get("cold_start_spread", d.spread)))
+        for key, value, allowed in (("cold_start", opts.method, COLD_START_METHODS),
+                                    ("cold_start_calibration", opts.calibration, CALIBRATIONS)):
+            if value not in allowed:
+                raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {value!r}", source=key)
+        for key, bad in (("cold_start_k", opts.k < 1), ("cold_start_ridge", opts.ridge < 0),
+                         ("cold_start_spread", opts.spread <= 0)):
+            if bad:
+                raise ConfigError(f"key '{key}' is out of range: {config.get(key)!r}", source=key)
+        return opts
+
+    def for_added_items(self) -> ColdStartOptions:
+        """Items added to a trained run always need a generated representation: ``none`` becomes ``knn``."""
+        return self if self.method != "none" else ColdStartOptions(
+            "knn", self.k, self.ridge, self.calibration, self.spread)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class ItemContent:
+    """Standardised, unit-length content rows per modality (zero where unobserved), for a growing item set.
+
+    ``reference`` marks the items whose observed rows give each modality's mean and standard deviation.
+    """
+
+    def __init__(self, features: Sequence[torch.Tensor], observed: torch.Tensor, reference: torch.Tensor) -> None:
+        self.mean: list[torch.Tensor] = []
+        self.std: list[torch.Tensor] = []
+        for j, x in enumerate(features):
+            rows = observed[:, j] & reference
+            if not bool(rows.any()):
+                rows = observed[:, j]
+            x_ref = x[rows].double()
+            self.mean.append(x_ref.mean(0).float() if len(x_ref) else torch.zeros(x.shape[1], device=x.device))
+            std = x_ref.std(0, unbiased=False).float() if len(x_ref) else torch.ones(x.shape[1], device=x.device)
+            self.std.append(torch.where(std > 0, std, torch.ones_like(std)))
+        self.rows = self.encode(features, observed)
+        self.observed = observed.clone()
+
+    def encode(self, features: Sequence[torch.Tensor], observed: torch.Tensor) -> list[torch.Tensor]:
+        """Content rows of ``features`` (same modalities, any number of items) under the stored statistics."""
+        return [_unit((x.float() - mu) / sd) * observed[:, j:j + 1].to(x.dtype)
+                for j, (x, mu, sd) in enumerate(zip(features, self.mean, self.std, strict=True))]
+
+    def append(self, features: Sequence[torch.Tensor], observed: torch.Tensor) -> None:
+        self.rows = [torch.cat([r, e]) for r, e in zip(self.rows, self.encode(features, observed), strict=True)]
+        self.observed = torch.cat([self.observed, observed])
+
+    @property
+    def n_items(self) -> int:
+        return len(self.observed)
+
+    def similarity(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Mean cosine over the modalities both items observe; ``-inf`` where they observe none in common."""
+        num = sum(r[rows] @ r[cols].T for r in self.rows)
+        obs = self.observed.float()
+        count = obs[rows] @ obs[cols].T
+        assert isinstance(num, torch.Tensor)
+        return torch.where(count > 0, num / count.clamp_min(1.0), torch.full_like(num, -float("inf")))
+
+    def design(self, rows: torch.Tensor) -> torch.Tensor:
+        """Regression inputs: the content rows and the observed-pattern indicators."""
+        return torch.cat([*(r[rows] for r in self.rows), self.observed[rows].float()], dim=1)
+
+
+class ColdStart:
+    """Generates the representations of cold items (see the module docstring).
+
+    ``features``/``observed`` are the model's items (``reference`` = old items, whose observed rows give the
+    content statistics); :meth:`add` appends items added after training, which are cold. ``cold`` marks the
+    model's own cold items (the new items of the new-item setting).
+    """
+
+    def __init__(self, options: ColdStartOptions, features: Sequence[torch.Tensor], observed: torch.Tensor,
+                 cold: torch.Tensor) -> None:
+        self.options = options
+        self._features = list(features)
+        self._observed = observed
+        self.n_own = len(observed)
+        self.cold = cold.clone().bool()
+        self._content: ItemContent | None = None
+
+    @property
+    def content(self) -> ItemContent:
+        """Built on first use (it copies the features)."""
+        if self._content is None:
+            self._content = ItemContent(self._features, self._observed, ~self.cold[: self.n_own])
+            self._features = []
+        return self._content
+
+    @property
+    def n_added(self) -> int:
+        return len(self.cold) - self.n_own
+
+    def add(self, features: Sequence[torch.Tensor], observed: torch.Tensor) -> None:
+        """Append cold items (features per modality in the model's order, float; ``observed`` bool ``(n, M)``)."""
+        self.content.append(features, observed)
+        self.cold = torch.cat([self.cold, torch.ones(len(observed), dtype=torch.bool, device=self.cold.device)])
+
+    # --------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def complete(self, users: torch.Tensor, items: torch.Tensor, fit_rows: torch.Tensor) -> torch.Tensor:
+        """Representations of every item, own and added.
+
+        ``items`` (``(n_own, d)``) are the model's; ``fit_rows`` (bool ``(n_own,)``) marks the items with a
+        trained representation. The rows of the cold items (with method ``none``: of the added items only) are
+        replaced by generated ones; without cold items to generate, ``items`` is returned as it is.
+        """
+        own_cold = self.options.method != "none"
+        if not own_cold and self.n_added == 0:
+            return items
+        options = self.options.for_added_items()
+        out = torch.cat([items, items.new_zeros(self.n_added, items.shape[1])])
+        rows = self.cold.nonzero().ravel() if own_cold else torch.arange(self.n_own, len(self.cold), device=out.device)
+        targets = (fit_rows & ~self.cold[: self.n_own]).nonzero().ravel()
+        if len(rows) == 0:
+            return out
+        if len(targets) == 0:
+            raise ConfigError("cold start needs old items with training interactions", source="cold_start")
+        y = items[targets].float()
+        generated = self._generate(options.method, rows, targets, y)
+        if options.calibration == "spread":
+            generated = self._calibrate(options.method, targets, y, users.float(), generated)
+        out[rows] = generated.to(out.dtype)
+        return out
+
+    def _generate(self, method: str, rows: torch.Tensor, targets: torch.Tensor, y: torch.Tensor,
+                  exclude_self: bool = False) -> torch.Tensor:
+        """Generated representations of ``rows`` from the old items ``targets`` (representations ``y``)."""
+        content = self.content
+        if method == "ridge":
+            w, b = ridge_fit(content.design(targets), y, self.options.ridge)
+            return content.design(rows) @ w + b
+        out = torch.empty(len(rows), y.shape[1], device=y.device)
+        k = min(self.options.k, len(targets))
+        fallback = self._pattern_means(targets, y)
+        for start in range(0, len(rows), _BLOCK):
+            block = rows[start:start + _BLOCK]
+            sim = content.similarity(block, targets)
+            if exclude_self:
+                sim[block[:, None] == targets[None, :]] = -float("inf")
+            top, idx = sim.topk(k, dim=1)
+            valid = torch.isfinite(top).float()
+            n_valid = valid.sum(1, keepdim=True)
+            mean = (y[idx] * valid[..., None]).sum(1) / n_valid.clamp_min(1.0)
+            pattern = fallback(content.observed[block])
+            out[start:start + len(block)] = torch.where(n_valid > 0, mean, pattern)
+        return out
+
+    def _pattern_means(self, targets: torch.Tensor, y: torch.Tensor) -> Any:
+        """A function: observed patterns -> mean representation of the old items with that pattern (else all)."""
+        obs = self.content.observed
+        codes = (obs.long() * (2 ** torch.arange(obs.shape[1], device=obs.device))).sum(1)
+        target_codes = codes[targets]
+        overall = y.mean(0)
+
+        def lookup(observed: torch.Tensor) -> torch.Tensor:
+            want = (observed.long() * (2 ** torch.arange(observed.shape[1], device=observed.device))).sum(1)
+            out = overall.expand(len(want), -1).clone()
+            for code in torch.unique(want):
+                same = target_codes == code
+                if bool(same.any()):
+                    out[want == code] = y[same].mean(0)
+            return out
+
+        return lookup
+
+    def _calibrate(self, method: str, targets: torch.Tensor, y: torch.Tensor, users: torch.Tensor,
+                   generated: torch.Tensor) -> torch.Tensor:
+        """Scale the generated deviations from the old items' mean to the spread of the old items' scores."""
+        gram = users.T @ users / max(1, len(users))
+        center = y.mean(0)
+
+        def spread(z: torch.Tensor) -> float:
+            dev = z - center
+            return float(((dev @ gram) * dev).sum(1).mean())
+
+        n = len(targets)
+        pick = torch.as_tensor(np.unique(np.linspace(0, n - 1, min(n, CALIBRATION_SAMPLE)).astype(np.int64)),
+                               device=targets.device)
+        if method == "ridge":  # two folds of the old items, each generated by a map fitted on the other
+            fold = torch.arange(n, device=targets.device) % 2 == 0
+            a, b = pick[fold[pick]], pick[~fold[pick]]
+            held = torch.cat([self._generate(method, targets[a], targets[~fold], y[~fold]),
+                              self._generate(method, targets[b], targets[fold], y[fold])])
+        else:
+            held = self._generate(method, targets[pick], targets, y, exclude_self=True)
+        den = spread(held)
+        if den <= 0:
+            return generated
+        alpha = self.options.spread * (spread(y) / den) ** 0.5
+        return center + alpha * (generated - center)

@@ -1,0 +1,184 @@
+"""Cold-start evaluation (cold / warm / hybrid splits) and the content-based cold path of new items."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from dgmrec import api
+from dgmrec.errors import ConfigError
+from dgmrec.evaluation.protocol import Evaluator
+from dgmrec.models.coldstart import ColdStart, ColdStartOptions
+from planted import all_scores, build, fit, make_planted, percentiles
+
+# ------------------------------------------------------------------------------------ evaluation by hand
+
+
+def test_cold_warm_hybrid_by_hand():
+    # 2 users, 6 items; items 4 and 5 are new. User 0 trained on item 0, user 1 on item 1.
+    train = sp.csr_matrix(np.array([[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0]], dtype=np.float32))
+    new = np.array([0, 0, 0, 0, 1, 1], dtype=bool)
+    test = np.array([[0, 2], [0, 5], [1, 4], [1, 5], [1, 3]])
+    scores = torch.tensor([[9.0, 1.0, 5.0, 4.0, 3.0, 2.0],    # user 0: 2 > 3 > 4 > 5 (0 is a training item)
+                           [0.0, 9.0, 8.0, 1.0, 2.0, 3.0]])  # user 1: 2 > 5 > 4 > 3
+    test_new = test[new[test[:, 1]]]
+    ev = Evaluator.from_pairs(train, {"test_new_items": test_new, "test_cold": test, "test_warm": test},
+                              ks=[1, 2, 5], metrics=["recall", "precision", "ndcg"],
+                              candidates={"test_cold": new, "test_warm": ~new})
+    hybrid, _ = ev.evaluate(lambda u: scores[u], "test_new_items")
+    cold, cold_users = ev.evaluate(lambda u: scores[u], "test_cold")
+    _warm, warm_users = ev.evaluate(lambda u: scores[u], "test_warm")
+    # hybrid: all items ranked, truth on new items: user 0 {5} ranks 4th; user 1 {4, 5}: list [2, 5, 4, 3, 0]
+    assert hybrid["recall@1"] == 0.0
+    assert hybrid["recall@2"] == pytest.approx((0 + 0.5) / 2)
+    assert hybrid["recall@5"] == pytest.approx((1 + 1) / 2)
+    # cold: only items 4 and 5 ranked; user 0: [4, 5], truth {5}; user 1: [5, 4], truth {4, 5}
+    assert cold_users["recall@1"].tolist() == [0.0, 0.5]
+    assert cold["recall@2"] == pytest.approx(1.0)
+    # K = 5 is capped at the 2 candidates: the @5 metrics are the @2 ones (precision over 2 slots)
+    assert cold["recall@5"] == cold["recall@2"]
+    assert cold_users["precision@5"].tolist() == [0.5, 1.0]
+    assert cold_users["ndcg@1"].tolist() == [0.0, 1.0]
+    assert cold_users["ndcg@5"][0] == pytest.approx((1 / math.log2(3)) / 1.0)
+    # warm: items 0..3 ranked; user 0 truth {2} (rank 1, item 0 masked); user 1 truth {3}: list [2, 3, 0]
+    assert warm_users["recall@1"].tolist() == [1.0, 0.0]
+    assert warm_users["recall@2"].tolist() == [1.0, 1.0]
+    # users without truth in a split are skipped
+    assert ev.splits["test_warm"].users.tolist() == [0, 1]
+    ev2 = Evaluator.from_pairs(train, {"cold": np.array([[0, 2], [1, 4]])}, ks=[1], candidates={"cold": new})
+    assert ev2.splits["cold"].users.tolist() == [1]
+
+
+def test_trainer_reports_the_three_splits(small3_new, tmp_path):
+    res = api.train("VBPR", small3_new, out=tmp_path / "run", overrides={"epochs": 1}, progress=False)
+    for split in ("test_new_items", "test_cold", "test_warm"):
+        assert set(res[split]) == set(res["test"]), split
+        assert (tmp_path / "run" / f"per_user_{split}.csv").is_file()
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written["test_cold"] == res["test_cold"]
+    ds = small3_new
+    cold_users = np.loadtxt(tmp_path / "run" / "per_user_test_cold.csv", delimiter=",", skiprows=1)[:, 0]
+    trained_users = np.unique(ds.train[:, 0])
+    expected = np.intersect1d(np.unique(ds.test_new_only[:, 0]), trained_users)
+    np.testing.assert_array_equal(cold_users, expected)
+    warm_pairs = ds.test[~ds.new_items[ds.test[:, 1]]]
+    warm_users = np.loadtxt(tmp_path / "run" / "per_user_test_warm.csv", delimiter=",", skiprows=1)[:, 0]
+    np.testing.assert_array_equal(warm_users, np.intersect1d(np.unique(warm_pairs[:, 0]), trained_users))
+    # a cold list only holds new items: its recall@K is at least the hybrid's (same truth, fewer competitors)
+    assert res["test_cold"]["recall@20"] >= res["test_new_items"]["recall@20"]
+
+
+def test_missing_setting_has_no_cold_splits(small2, tmp_path):
+    res = api.train("VBPR", small2, out=tmp_path / "run", overrides={"epochs": 1}, progress=False)
+    assert "test_cold" not in res and "test_new_items" not in res
+
+
+# ------------------------------------------------------------------------------------ the cold path itself
+
+
+def clusters_case(method: str = "knn", calibration: str = "spread", spread: float = 1.0, seed: int = 0,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """Users and old items with trained representations that encode 4 clusters; content encodes the cluster
+    too. Returns users, completed items, the new mask, the user and item clusters."""
+    g = torch.Generator().manual_seed(seed)
+    k, d, n_items, n_users = 4, 8, 200, 40
+    centers = torch.randn(k, d, generator=g) * 2
+    item_cluster = torch.arange(n_items) % k
+    user_cluster = torch.arange(n_users) % k
+    items = centers[item_cluster] + 0.5 * torch.randn(n_items, d, generator=g)
+    users = centers[user_cluster] + 0.5 * torch.randn(n_users, d, generator=g)
+    content_centers = torch.randn(k, 6, generator=g)
+    feats = [content_centers[item_cluster] + 0.3 * torch.randn(n_items, 6, generator=g),
+             torch.randn(n_items, 5, generator=g)]  # the second modality is noise
+    observed = torch.ones(n_items, 2, dtype=torch.bool)
+    observed[::3, 0] = False  # some items only observe the noise modality
+    new = torch.zeros(n_items, dtype=torch.bool)
+    new[1::5] = True
+    untrained = torch.randn(n_items, d, generator=g) * 0.01  # new items' model rows: tiny, untrained
+    items = torch.where(new[:, None], untrained, items)
+    cs = ColdStart(ColdStartOptions(method, k=10, ridge=1.0, calibration=calibration, spread=spread), feats,
+                   observed, new)
+    done = cs.complete(users, items, ~new)
+    return users, done, new, user_cluster.numpy(), item_cluster.numpy()
+
+
+@pytest.mark.parametrize("method", ["knn", "ridge"])
+def test_cold_path_ranks_new_items_by_planted_content(method):
+    users, items, new, uc, ic = clusters_case(method)
+    scores = (users @ items.T).numpy()
+    new_np = new.numpy()
+    own_cluster = uc[:, None] == ic[None, :]
+    content_new = new_np & (np.arange(len(ic)) % 3 != 0)  # observes the informative modality
+    # among new items with content, each user's own-cluster items score above the others
+    top = [np.argsort(-scores[u, content_new])[:5] for u in range(len(uc))]
+    hit = np.mean([own_cluster[u, np.flatnonzero(content_new)[t]].mean() for u, t in enumerate(top)])
+    assert hit > 0.75, hit  # chance: 0.25
+    # the untouched old rows are the model's
+    _users0, items0, *_ = clusters_case(method, calibration="none")
+    torch.testing.assert_close(items[~new], items0[~new])
+
+
+def test_reference_and_uncalibrated_rank_new_items_last_calibrated_does_not():
+    def new_share_in_top(items: torch.Tensor, users: torch.Tensor, new: torch.Tensor) -> float:
+        top = (users @ items.T).topk(20, dim=1).indices
+        return float(new[top].float().mean())
+
+    users, calibrated, new, *_ = clusters_case("knn", "spread")
+    _, raw, *_ = clusters_case("knn", "none")
+    share = float(new.float().mean())  # 0.2
+    assert new_share_in_top(calibrated, users, new) > 0.5 * share
+    assert new_share_in_top(raw, users, new) < 0.5 * new_share_in_top(calibrated, users, new)
+    # the spread multiplier scales the generated deviations from the old items' mean linearly
+    _, double, *_ = clusters_case("knn", "spread", spread=2.0)
+    center = calibrated[~new].mean(0)
+    torch.testing.assert_close(double[new] - center, 2 * (calibrated[new] - center), rtol=1e-4, atol=1e-4)
+
+
+def test_knn_is_the_mean_of_the_nearest_old_items_by_hand():
+    # 1 modality, items 0..3 old, item 4 new; its content equals item 0's and is near item 1's
+    feats = [torch.tensor([[1.0, 0.0], [0.9, 0.1], [-1.0, 0.2], [-0.8, -1.0], [1.0, 0.0]])]
+    observed = torch.ones(5, 1, dtype=torch.bool)
+    new = torch.tensor([False, False, False, False, True])
+    items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0], [7.0, 7.0], [0.0, 0.0]])
+    cs = ColdStart(ColdStartOptions("knn", k=2, calibration="none"), feats, observed, new)
+    out = cs.complete(torch.eye(2), items, ~new)
+    torch.testing.assert_close(out[4], torch.tensor([0.5, 0.5]))
+    # an item with no modality in common with any old item takes the mean of the old items with its pattern
+    observed2 = torch.tensor([[True], [True], [False], [False], [False]])
+    cs2 = ColdStart(ColdStartOptions("knn", k=2, calibration="none"), feats, observed2, new)
+    torch.testing.assert_close(cs2.complete(torch.eye(2), items, ~new)[4], torch.tensor([6.0, 6.0]))
+
+
+def test_reference_default_leaves_scores_untouched(small3_new):
+    ref = build("VBPR", small3_new, seed=1)
+    explicit = build("VBPR", small3_new, seed=1, cold_start="none")
+    np.testing.assert_array_equal(all_scores(ref), all_scores(explicit))
+
+
+def test_cold_start_options_are_checked(small3_new):
+    with pytest.raises(ConfigError, match="cold_start"):
+        build("VBPR", small3_new, cold_start="magic")
+    with pytest.raises(ConfigError, match="cold_start_k"):
+        build("VBPR", small3_new, cold_start="knn", cold_start_k=0)
+    with pytest.raises(ConfigError, match="no cold-start path"):
+        build("LightGCN", small3_new, cold_start="knn")
+
+
+@pytest.mark.parametrize("model", ["DGMRec", "VBPR"])
+def test_trained_model_cold_path_beats_chance(model):
+    planted = make_planted(new_per_group=2, users_per_cluster=20, seed=5)
+    ds = planted.ds
+    new = ds.new_items
+    pairs = ds.test_new_only[planted.group[ds.test_new_only[:, 1]] < 3]  # new items observing some modality
+    net = build(model, ds, seed=0, cold_start="knn")
+    fit(net, ds, epochs=15, lr=0.01)
+    scores = all_scores(net, epoch=14)
+    cold = percentiles(-scores, ds.train_matrix(), pairs, among=new).mean()  # share of candidates ranked below
+    hybrid = percentiles(-scores, ds.train_matrix(), pairs).mean()
+    assert cold > 0.75, (cold, hybrid)  # chance 0.5: new items of the user's cluster rank high among new items
+    assert hybrid > 0.6, (cold, hybrid)  # and are not ranked below every old item
