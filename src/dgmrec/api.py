@@ -381,7 +381,7 @@ def add_items(run: str | Path | LoadedRun, features: Mapping[str, np.ndarray],
     ids = [str(start + i) for i in range(n)] if item_ids is None else [str(i) for i in item_ids]
     if len(ids) != n:
         raise InputError(f"{len(ids)} ids for {n} items", source="item_ids")
-    taken = set(lr.added_ids)
+    taken = set(lr.added_ids) | (set(map(str, ds.item_ids)) if ds.item_ids is not None else set())
     dup = next((i for k, i in enumerate(ids) if i in taken or i in ids[:k] or not i.strip()), None)
     if dup is not None:
         raise InputError(f"item id {dup!r} is empty or already used", source="item_ids")
@@ -459,6 +459,7 @@ def _apply_added(lr: LoadedRun, raw: Mapping[str, np.ndarray], observed: np.ndar
         features={m: np.concatenate([ds.features[m], raw[m]]) for m in ds.modalities},
         observed=np.concatenate([ds.observed, observed]),
         new_items=None if ds.new_items is None else np.concatenate([ds.new_items, np.ones(len(observed), bool)]),
+        item_ids=None if ds.item_ids is None else np.concatenate([ds.item_ids, np.asarray(ids, dtype=object)]),
         _train_csr=None)
     lr.added_ids = [*lr.added_ids, *ids]
 
