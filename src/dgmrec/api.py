@@ -453,7 +453,12 @@ def _apply_added(lr: LoadedRun, raw: Mapping[str, np.ndarray], observed: np.ndar
         ref = ds.observed[:base, j] & reference
         fill = scaler.transform(m, ds.features[m][:base][ref]).mean(axis=0) if ref.any() else np.zeros(x.shape[1])
         model_rows[m] = torch.as_tensor(np.where(observed[:, j, None], x, fill).astype(np.float32))
-    lr.model.add_items(model_rows, torch.as_tensor(observed))
+    own = None
+    if lr.model.needs_item_features:  # built without them (cold_start: none): the features it was built from
+        from dgmrec.data.impute import FeatureOptions, prepare_features
+
+        own = {m: torch.as_tensor(x) for m, x in prepare_features(ds, FeatureOptions.from_config(lr.config)).items()}
+    lr.model.add_items(model_rows, torch.as_tensor(observed), own)
     lr.dataset = replace(
         ds, n_items=ds.n_items + len(observed),
         features={m: np.concatenate([ds.features[m], raw[m]]) for m in ds.modalities},
