@@ -503,3 +503,12 @@ def test_exported_items_hold_the_sent_and_the_completed_features(run_dir: Path, 
         rows = np.load(tmp_path / "added" / f"{m}_feat.npy")
         assert np.isfinite(rows).all()
         np.testing.assert_allclose(rows / np.linalg.norm(rows, axis=1, keepdims=True), unit, rtol=1e-4, atol=1e-5)
+
+
+def test_items_added_with_the_python_api_are_served_under_their_ids(run_dir: Path) -> None:
+    api.add_items(run_dir, {"audio": np.full((1, 32), 0.3, dtype=np.float32)}, item_ids=["from-api"])
+    state = ServingState(run_dir)  # load_run adds RUN_DIR/added_items again: part of the run the service loads
+    assert state.health()["items"] == N_ITEMS + 1 and state.health()["added_items"] == 0
+    assert "from-api" in state.recommend(user_id(0), N_ITEMS + 1, "none").items
+    assert state.similar("from-api", 3, "audio").items
+    state.close()

@@ -464,7 +464,7 @@ def _apply_added(lr: LoadedRun, raw: Mapping[str, np.ndarray], observed: np.ndar
         features={m: np.concatenate([ds.features[m], raw[m]]) for m in ds.modalities},
         observed=np.concatenate([ds.observed, observed]),
         new_items=None if ds.new_items is None else np.concatenate([ds.new_items, np.ones(len(observed), bool)]),
-        item_ids=None if ds.item_ids is None else np.concatenate([ds.item_ids, np.asarray(ids, dtype=object)]),
+        item_ids=None if ds.item_ids is None else np.concatenate([ds.item_ids, np.asarray(list(ids), dtype=object)]),
         _train_csr=None)
     lr.added_ids = [*lr.added_ids, *ids]
 
