@@ -17,7 +17,9 @@ directions (uniform noise has no neighbourhood structure: any approximate index 
 Measured per model: dataset generation, model construction (graphs; the kNN part separately), the model's
 ``before_epoch`` hook, a fixed number of training steps (extrapolated to a whole epoch: steps per epoch x
 seconds per step + hooks), the evaluation of a subset of the validation users (extrapolated to all), and the
-peak RSS of the process. ``--set key=value`` overrides configuration keys (e.g. ``knn_backend=faiss``).
+peak RSS of the process. Times are wall-clock seconds and, on a shared machine more telling, CPU seconds of
+the process (user + system, all threads; ``*_cpu_s``). ``--set key=value`` overrides configuration keys
+(e.g. ``knn_backend=faiss``).
 
 ``recall``: exact vs approximate kNN graphs of feature files (neighbour recall and time per method)::
 
@@ -89,6 +91,19 @@ def _rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+class _Clock:
+    """Wall and CPU (user + system, all threads) seconds since the last :meth:`lap`."""
+
+    def __init__(self) -> None:
+        self.lap()
+
+    def lap(self) -> tuple[float, float]:
+        now_wall, now_cpu = time.perf_counter(), time.process_time()
+        spent = (now_wall - getattr(self, "wall", now_wall), now_cpu - getattr(self, "cpu", now_cpu))
+        self.wall, self.cpu = now_wall, now_cpu
+        return spent
+
+
 def run_case(case: str, model_name: str, batches: int, eval_users: int, overrides: dict[str, Any],
              work: Path) -> dict[str, Any]:
     """Runs inside the child process."""
@@ -101,10 +116,10 @@ def run_case(case: str, model_name: str, batches: int, eval_users: int, override
     from dgmrec.training.trainer import Trainer, seed_everything
 
     row: dict[str, Any] = {"case": case, "model": model_name, "threads": torch.get_num_threads()}
-    t0 = time.perf_counter()
+    clock = _Clock()
     ds = make_catalogue(case)
     row.update(users=ds.n_users, items=ds.n_items, train_pairs=len(ds.train),
-               data_s=round(time.perf_counter() - t0, 1), rss_after_data_mb=_rss_mb())
+               data_s=round(clock.lap()[0], 1), rss_after_data_mb=_rss_mb())
     cfg, layers = resolve_config(model_name, ds.name, overrides=overrides)
     row["config_layers"] = layers
     knn_seconds = [0.0]
@@ -119,40 +134,50 @@ def run_case(case: str, model_name: str, batches: int, eval_users: int, override
 
     graphs.knn_edges = timed_knn  # knn_graph looks the name up at call time
     seed_everything(int(cfg["seed"]))
-    t0 = time.perf_counter()
+    clock.lap()
     model = build_model(model_name, ds, cfg)
-    row.update(build_s=round(time.perf_counter() - t0, 1), build_knn_s=round(knn_seconds[0], 1),
+    wall, cpu = clock.lap()
+    row.update(build_s=round(wall, 1), build_cpu_s=round(cpu, 1), build_knn_s=round(knn_seconds[0], 1),
                rss_after_build_mb=_rss_mb())
     trainer = Trainer(model, ds, cfg, work / f"{case}_{model_name}", progress=False)
     model.train()
     knn_seconds[0] = 0.0
-    t0 = time.perf_counter()
+    clock.lap()
     model.before_epoch(0)
-    row.update(before_epoch_s=round(time.perf_counter() - t0, 1), before_epoch_knn_s=round(knn_seconds[0], 1))
-    steps, step_s = 0, []
+    wall, cpu = clock.lap()
+    row.update(before_epoch_s=round(wall, 1), before_epoch_cpu_s=round(cpu, 1),
+               before_epoch_knn_s=round(knn_seconds[0], 1))
+    steps, step_s, step_cpu = 0, [], []
     for batch in trainer.batches():
-        t = time.perf_counter()
+        clock.lap()
         trainer.train_step(batch, 0)
-        step_s.append(time.perf_counter() - t)
+        wall, cpu = clock.lap()
+        step_s.append(wall)
+        step_cpu.append(cpu)
         steps += 1
         if steps >= batches:
             break
     per_step = float(np.mean(step_s[1:] if len(step_s) > 1 else step_s))  # the first step warms caches up
+    cpu_step = float(np.mean(step_cpu[1:] if len(step_cpu) > 1 else step_cpu))
     steps_per_epoch = math.ceil(len(ds.train) / int(cfg["train_batch_size"]))
-    row.update(steps_measured=steps, s_per_step=round(per_step, 3), steps_per_epoch=steps_per_epoch,
+    row.update(steps_measured=steps, s_per_step=round(per_step, 3), cpu_s_per_step=round(cpu_step, 3),
+               steps_per_epoch=steps_per_epoch,
                epoch_s_extrapolated=round(row["before_epoch_s"] + per_step * steps_per_epoch, 1),
+               epoch_cpu_s_extrapolated=round(row["before_epoch_cpu_s"] + cpu_step * steps_per_epoch, 1),
                rss_after_steps_mb=_rss_mb())
     model.eval()
     users = np.unique(ds.valid[:, 0])
     sample = users[:eval_users]
-    t0 = time.perf_counter()
+    clock.lap()
     with torch.no_grad():
         model.before_evaluation(0)
         model.prepare_eval()
         rank_items(model.score_users, sample, ds.train_matrix(), 50, int(cfg["eval_batch_size"]), n_items=ds.n_items)
-    spent = time.perf_counter() - t0
-    row.update(eval_users_measured=len(sample), eval_s_measured=round(spent, 1),
-               eval_pass_s_extrapolated=round(spent * len(users) / max(1, len(sample)), 1), peak_rss_mb=_rss_mb())
+    wall, cpu = clock.lap()
+    scale = len(users) / max(1, len(sample))
+    row.update(eval_users_measured=len(sample), eval_s_measured=round(wall, 1),
+               eval_pass_s_extrapolated=round(wall * scale, 1), eval_pass_cpu_s_extrapolated=round(cpu * scale, 1),
+               peak_rss_mb=_rss_mb())
     return row
 
 
@@ -254,8 +279,9 @@ def main() -> None:
             print(f"done: {model} on {args.case}", file=sys.stderr)
     _table(f"dgmrec at scale: {args.case} ({_environment()}; epoch and evaluation times extrapolated from "
            f"{args.batches} steps and {args.eval_users} users)", rows,
-           ["model", "items", "train_pairs", "build_s", "build_knn_s", "before_epoch_s", "s_per_step",
-            "steps_per_epoch", "epoch_s_extrapolated", "eval_pass_s_extrapolated", "peak_rss_mb"])
+           ["model", "items", "train_pairs", "build_s", "build_cpu_s", "build_knn_s", "before_epoch_s", "s_per_step",
+            "cpu_s_per_step", "steps_per_epoch", "epoch_s_extrapolated", "epoch_cpu_s_extrapolated",
+            "eval_pass_s_extrapolated", "eval_pass_cpu_s_extrapolated", "peak_rss_mb"])
     (res_dir / f"scale_{args.case}.json").write_text(json.dumps(rows, indent=2))
 
 

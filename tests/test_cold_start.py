@@ -32,7 +32,7 @@ def test_cold_warm_hybrid_by_hand():
                               candidates={"test_cold": new, "test_warm": ~new})
     hybrid, _ = ev.evaluate(lambda u: scores[u], "test_new_items")
     cold, cold_users = ev.evaluate(lambda u: scores[u], "test_cold")
-    _warm, warm_users = ev.evaluate(lambda u: scores[u], "test_warm")
+    warm, warm_users = ev.evaluate(lambda u: scores[u], "test_warm")
     # hybrid: all items ranked, truth on new items: user 0 {5} ranks 4th; user 1 {4, 5}: list [2, 5, 4, 3, 0]
     assert hybrid["recall@1"] == 0.0
     assert hybrid["recall@2"] == pytest.approx((0 + 0.5) / 2)
@@ -48,6 +48,7 @@ def test_cold_warm_hybrid_by_hand():
     # warm: items 0..3 ranked; user 0 truth {2} (rank 1, item 0 masked); user 1 truth {3}: list [2, 3, 0]
     assert warm_users["recall@1"].tolist() == [1.0, 0.0]
     assert warm_users["recall@2"].tolist() == [1.0, 1.0]
+    assert warm["recall@1"] == pytest.approx(0.5)
     # users without truth in a split are skipped
     assert ev.splits["test_warm"].users.tolist() == [0, 1]
     ev2 = Evaluator.from_pairs(train, {"cold": np.array([[0, 2], [1, 4]])}, ks=[1], candidates={"cold": new})
@@ -119,7 +120,7 @@ def test_cold_path_ranks_new_items_by_planted_content(method):
     hit = np.mean([own_cluster[u, np.flatnonzero(content_new)[t]].mean() for u, t in enumerate(top)])
     assert hit > 0.75, hit  # chance: 0.25
     # the untouched old rows are the model's
-    _users0, items0, *_ = clusters_case(method, calibration="none")
+    _, items0, *_ = clusters_case(method, calibration="none")
     torch.testing.assert_close(items[~new], items0[~new])
 
 

@@ -381,7 +381,7 @@ def add_items(run: str | Path | LoadedRun, features: Mapping[str, np.ndarray],
     ids = [str(start + i) for i in range(n)] if item_ids is None else [str(i) for i in item_ids]
     if len(ids) != n:
         raise InputError(f"{len(ids)} ids for {n} items", source="item_ids")
-    taken = set(lr.added_ids)
+    taken = set(lr.added_ids) | (set(map(str, ds.item_ids)) if ds.item_ids is not None else set())
     dup = next((i for k, i in enumerate(ids) if i in taken or i in ids[:k] or not i.strip()), None)
     if dup is not None:
         raise InputError(f"item id {dup!r} is empty or already used", source="item_ids")
@@ -453,7 +453,12 @@ def _apply_added(lr: LoadedRun, raw: Mapping[str, np.ndarray], observed: np.ndar
         ref = ds.observed[:base, j] & reference
         fill = scaler.transform(m, ds.features[m][:base][ref]).mean(axis=0) if ref.any() else np.zeros(x.shape[1])
         model_rows[m] = torch.as_tensor(np.where(observed[:, j, None], x, fill).astype(np.float32))
-    lr.model.add_items(model_rows, torch.as_tensor(observed))
+    own = None
+    if lr.model.needs_item_features:  # built without them (cold_start: none): the features it was built from
+        from dgmrec.data.impute import FeatureOptions, prepare_features
+
+        own = {m: torch.as_tensor(x) for m, x in prepare_features(ds, FeatureOptions.from_config(lr.config)).items()}
+    lr.model.add_items(model_rows, torch.as_tensor(observed), own)
     lr.dataset = replace(
         ds, n_items=ds.n_items + len(observed),
         features={m: np.concatenate([ds.features[m], raw[m]]) for m in ds.modalities},

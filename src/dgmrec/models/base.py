@@ -222,18 +222,25 @@ class Recommender(nn.Module):
             return None
         self._trained_items = torch.as_tensor(np.asarray(data.train.getnnz(axis=0) > 0).ravel(), device=self.device)
         cold = data.new_items if data.new_items is not None else torch.zeros(data.n_items, dtype=torch.bool)
-        return ColdStart(options, [data.features[m] for m in data.modalities], data.observed, cold.to(self.device))
+        # the item features are kept for the cold path only when it is on (add_items can hand them over later)
+        features = [data.features[m] for m in data.modalities] if options.method != "none" else None
+        return ColdStart(options, features, data.observed, cold.to(self.device))
 
-    def add_items(self, features: Mapping[str, torch.Tensor], observed: torch.Tensor) -> None:
+    def add_items(self, features: Mapping[str, torch.Tensor], observed: torch.Tensor,
+                  item_features: Mapping[str, torch.Tensor] | None = None) -> None:
         """Make items added after training scorable: they get ids ``n_items, n_items + 1, ...`` in the score matrix.
 
         ``features`` maps every modality to a float ``(n, d_m)`` matrix in the model's feature space with every
         unobserved row imputed; ``observed`` is the bool ``(n, M)`` mask. Models with a cold-start path
-        generate the items' representations from their content (:mod:`dgmrec.models.coldstart`).
+        generate the items' representations from their content (:mod:`dgmrec.models.coldstart`); a model built
+        with ``cold_start: none`` needs ``item_features``, the features of its own items (``ModelInput``'s),
+        the first time (see ``needs_item_features``).
         """
         if self.cold_start is None:
             raise InputError(f"{self.name} cannot score items added after training (it has no cold-start path "
                              f"from item content)", source="add_items")
+        if item_features is not None and self.cold_start.needs_item_features:
+            self.cold_start.set_item_features([item_features[m].to(self.device).float() for m in self.modalities])
         self.cold_start.add([features[m].to(self.device).float() for m in self.modalities], observed.to(self.device))
         self._eval_cache = None
 
@@ -245,6 +252,11 @@ class Recommender(nn.Module):
     def n_added_items(self) -> int:
         """Items added after training (:meth:`add_items`)."""
         return 0 if self.cold_start is None else self.cold_start.n_added
+
+    @property
+    def needs_item_features(self) -> bool:
+        """Whether the first :meth:`add_items` call must hand over the model's own item features."""
+        return self.cold_start is not None and self.cold_start.needs_item_features
 
     # ------------------------------------------------------------ extra state
     def get_extra_state(self) -> dict[str, Any]:

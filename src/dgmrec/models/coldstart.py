@@ -149,21 +149,32 @@ class ColdStart:
     model's own cold items (the new items of the new-item setting).
     """
 
-    def __init__(self, options: ColdStartOptions, features: Sequence[torch.Tensor], observed: torch.Tensor,
+    def __init__(self, options: ColdStartOptions, features: Sequence[torch.Tensor] | None, observed: torch.Tensor,
                  cold: torch.Tensor) -> None:
         self.options = options
-        self._features = list(features)
+        self._features = None if features is None else list(features)
         self._observed = observed
         self.n_own = len(observed)
         self.cold = cold.clone().bool()
         self._content: ItemContent | None = None
 
     @property
+    def needs_item_features(self) -> bool:
+        """True when built without the model's item features (``cold_start: none``) and not given them since."""
+        return self._content is None and self._features is None
+
+    def set_item_features(self, features: Sequence[torch.Tensor]) -> None:
+        """The model's own items' features (model space), for a model built without them."""
+        self._features = list(features)
+
+    @property
     def content(self) -> ItemContent:
         """Built on first use (it copies the features)."""
         if self._content is None:
+            if self._features is None:
+                raise ValueError("the model's item features are needed: call set_item_features first")
             self._content = ItemContent(self._features, self._observed, ~self.cold[: self.n_own])
-            self._features = []
+            self._features = None
         return self._content
 
     @property

@@ -106,7 +106,8 @@ class Content(Recommender):
         num = self.user_content[users] @ self.item_content.T
         return self._scores(num, self.user_has[users] @ self.item_has.T)
 
-    def add_items(self, features: Mapping[str, torch.Tensor], observed: torch.Tensor) -> None:
+    def add_items(self, features: Mapping[str, torch.Tensor], observed: torch.Tensor,
+                  item_features: Mapping[str, torch.Tensor] | None = None) -> None:
         """Items added after training are scored like every other item: from their (scaled) content."""
         cols = [self.modalities.index(m) for m in self.content_modalities]
         obs = observed[:, cols].cpu().numpy().astype(bool)

@@ -571,14 +571,15 @@ class DGMRec(Recommender):
         return out
 
     # ------------------------------------------------------- cold start: items added after training (coldstart.py)
-    def add_items(self, features: Mapping[str, torch.Tensor], observed: torch.Tensor) -> None:
+    def add_items(self, features: Mapping[str, torch.Tensor], observed: torch.Tensor,
+                  item_features: Mapping[str, torch.Tensor] | None = None) -> None:
         """Generate the added items' missing modalities, then their representations (the base class's cold path).
 
         A missing modality's general part comes from the translator on the general features of the item's other
         modalities (imputed rows where those are missing too), its specific part from the specific generator on
         a zero preference filter (the item has no users), both decoded into raw features.
         """
-        super().add_items(features, observed)
+        super().add_items(features, observed, item_features)
         obs = observed.to(self.device)
         with torch.no_grad():
             x = [features[m].to(self.device).float() for m in self.modalities]
