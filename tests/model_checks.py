@@ -111,10 +111,29 @@ def check_beats_popularity(model_name: str, ds: RecDataset, tmp_path, epochs: in
     assert res["test"]["recall@20"] > pop, (res["test"]["recall@20"], pop)
 
 
+def _tensors(state: Any) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for k in sorted(state, key=str) for t in _tensors(state[k])]
+    if isinstance(state, list | tuple):
+        return [t for v in state for t in _tensors(v)]
+    return []
+
+
 def check_deterministic(model_name: str, ds: RecDataset, tmp_path, epochs: int = 3, **overrides: Any) -> None:
-    a = trained_metrics(model_name, ds, tmp_path / "a", epochs=epochs, **overrides)
-    b = trained_metrics(model_name, ds, tmp_path / "b", epochs=epochs, **overrides)
+    """Two runs with one seed give the same metrics and bit-identical trained parameters, with two threads
+    (accumulating gradients into rows in parallel, as ``t[idx]`` does on CPU, breaks this)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = trained_metrics(model_name, ds, tmp_path / "a", epochs=epochs, **overrides)
+        b = trained_metrics(model_name, ds, tmp_path / "b", epochs=epochs, **overrides)
+    finally:
+        torch.set_num_threads(threads)
     assert a["test"] == b["test"] and a["valid"] == b["valid"]
+    wa, wb = (_tensors(torch.load(tmp_path / run / "best.pt", weights_only=True)["model"]) for run in "ab")
+    assert len(wa) == len(wb) and all(torch.equal(x, y) for x, y in zip(wa, wb, strict=True))
 
 
 def check_contract(name: str, ds: RecDataset, n_epochs: int = 8, **options: Any) -> None:

@@ -296,8 +296,9 @@ class NodeTableRecommender(Recommender):
         parts = {"bpr": bpr_loss((u * pos).sum(1), (u * neg).sum(1))}
         if self.reg_weight:
             ids = self.id_embedding
-            reg = ids[batch.users].pow(2).mean() + 0.5 * (ids[batch.pos + self.n_users].pow(2).mean()
-                                                          + ids[batch.neg + self.n_users].pow(2).mean())
+            reg = F.embedding(batch.users, ids).pow(2).mean() + 0.5 * (
+                F.embedding(batch.pos + self.n_users, ids).pow(2).mean()
+                + F.embedding(batch.neg + self.n_users, ids).pow(2).mean())
             parts["reg"] = self.reg_weight * (reg + self.extra_reg(batch))
         total = sum(parts.values())
         return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})

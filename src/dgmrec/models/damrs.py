@@ -333,8 +333,8 @@ class DAMRS(Recommender):
         loss = torch.zeros((), device=rows.device)
         for q, key, m, s, e in zip(queries, keys, multi, single, expos, strict=True):
             t = _ExpCosineSum.apply(q, key, e, inv_tau)
-            a = torch.exp((q.unsqueeze(1) * key[m]).sum(-1) * inv_tau).sum(1)
-            b = torch.exp((q.unsqueeze(1) * key[s]).sum(-1) * inv_tau).sum(1)
+            a = torch.exp((q.unsqueeze(1) * F.embedding(m, key)).sum(-1) * inv_tau).sum(1)
+            b = torch.exp((q.unsqueeze(1) * F.embedding(s, key)).sum(-1) * inv_tau).sum(1)
             loss = loss + (-torch.log(a / t + 1e-9) - torch.log(b / (t - a) + 1e-9)).mean()
         return loss / len(views)
 

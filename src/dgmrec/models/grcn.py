@@ -230,4 +230,5 @@ class GRCN(NodeTableRecommender):
         return torch.cat([x0 + x1 + x2, *contents], dim=1)
 
     def extra_reg(self, batch: Batch) -> torch.Tensor:
-        return self.preference[0].pow(2).mean() + sum(p[batch.users].pow(2).mean() for p in self.preference)
+        return self.preference[0].pow(2).mean() + sum(F.embedding(batch.users, p).pow(2).mean()
+                                                      for p in self.preference)

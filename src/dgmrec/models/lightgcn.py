@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dgmrec.graphs import SparseOp, lightgcn_propagate, normalized_adjacency
@@ -43,13 +44,15 @@ class LightGCN(Recommender):
 
     def loss(self, batch: Batch) -> LossOutput:
         users, items = self.propagate()
-        u = users[batch.users]
-        pos = (u * items[batch.pos]).sum(1)
-        neg = (u * items[batch.neg]).sum(1)
+        # F.embedding, not ``t[idx]``: its CPU backward is deterministic under threads (and faster)
+        u = F.embedding(batch.users, users)
+        pos = (u * F.embedding(batch.pos, items)).sum(1)
+        neg = (u * F.embedding(batch.neg, items)).sum(1)
         if self.reg_weight:
             bpr = bpr_loss(pos, neg, eps=1e-10)
-            reg = self.reg_weight * emb_norm(self.user_embedding[batch.users], self.item_embedding[batch.pos],
-                                             self.item_embedding[batch.neg])
+            reg = self.reg_weight * emb_norm(F.embedding(batch.users, self.user_embedding),
+                                             F.embedding(batch.pos, self.item_embedding),
+                                             F.embedding(batch.neg, self.item_embedding))
         else:
             bpr = bpr_loss(pos, neg)
             reg = torch.zeros((), device=pos.device)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dgmrec.losses import bpr_loss, emb_norm
@@ -31,9 +32,9 @@ class MFBPR(Recommender):
         self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
 
     def loss(self, batch: Batch) -> LossOutput:
-        u = self.user_embedding[batch.users]
-        p = self.item_embedding[batch.pos]
-        n = self.item_embedding[batch.neg]
+        u = F.embedding(batch.users, self.user_embedding)
+        p = F.embedding(batch.pos, self.item_embedding)
+        n = F.embedding(batch.neg, self.item_embedding)
         bpr = bpr_loss((u * p).sum(1), (u * n).sum(1), eps=1e-10)
         reg = self.reg_weight * emb_norm(u, p, n)
         return LossOutput(bpr + reg, {"bpr": float(bpr.detach()), "reg": float(reg.detach())})

@@ -173,7 +173,8 @@ class MILK(Recommender):
         env = environment_weights(lam).to(projected.dtype)
         item_vec = self.mix(projected, env, items)  # (E, n, d)
         u = F.embedding(users, self.user_embedding)
-        v_pos, v_neg = item_vec[:, inv_pos], item_vec[:, inv_neg]
+        # index_select, not ``t[:, idx]``: repeated indices accumulate deterministically under threads
+        v_pos, v_neg = item_vec.index_select(1, inv_pos), item_vec.index_select(1, inv_neg)
         diff = (u[None] * (v_neg - v_pos)).sum(-1)  # (E, B)
         risks = F.softplus(diff).mean(1)
         bpr = risks.sum()
