@@ -6,7 +6,7 @@ configuration keys, comma-separated; ``reference`` = ``cold_start=none``) its va
 ranked among new items (``valid_cold``: the split that selects cold-start options without the test set)::
 
     python benchmarks/cold_start_options.py --run RUN reference cold_start=ridge \
-        cold_start=ridge,cold_start_spread=1.5 cold_start=knn,cold_start_k=50 [--json F]
+        cold_start=ridge,cold_start_scale=1.5 cold_start=knn,cold_start_k=50 [--json F]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     rows = {}
     for text in args.options:
         pairs = {} if text == "reference" else dict(kv.split("=", 1) for kv in text.split(","))
-        options = ColdStartOptions.from_config({**lr.config, "cold_start": "none", **pairs})
+        options = ColdStartOptions.from_config(pairs)  # the current defaults, whatever the run used
         model.cold_start = ColdStart(options, features, torch.as_tensor(ds.observed), torch.as_tensor(new))
         with torch.no_grad():
             model.prepare_eval()
