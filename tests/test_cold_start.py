@@ -13,7 +13,7 @@ import torch
 from dgmrec import api
 from dgmrec.errors import ConfigError
 from dgmrec.evaluation.protocol import Evaluator
-from dgmrec.models.coldstart import ColdStart, ColdStartOptions
+from dgmrec.models.coldstart import ColdStart, ColdStartOptions, _share_factor
 from planted import all_scores, build, fit, make_planted, percentiles
 
 # ------------------------------------------------------------------------------------ evaluation by hand
@@ -82,7 +82,7 @@ def test_missing_setting_has_no_cold_splits(small2, tmp_path):
 # ------------------------------------------------------------------------------------ the cold path itself
 
 
-def clusters_case(method: str = "knn", calibration: str = "spread", spread: float = 1.0, seed: int = 0,
+def clusters_case(method: str = "knn", calibration: str = "share", scale: float = 1.0, seed: int = 0,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """Users and old items with trained representations that encode 4 clusters; content encodes the cluster
     too. Returns users, completed items, the new mask, the user and item clusters."""
@@ -102,7 +102,7 @@ def clusters_case(method: str = "knn", calibration: str = "spread", spread: floa
     new[1::5] = True
     untrained = torch.randn(n_items, d, generator=g) * 0.01  # new items' model rows: tiny, untrained
     items = torch.where(new[:, None], untrained, items)
-    cs = ColdStart(ColdStartOptions(method, k=10, ridge=1.0, calibration=calibration, spread=spread), feats,
+    cs = ColdStart(ColdStartOptions(method, k=10, ridge=1.0, calibration=calibration, scale=scale), feats,
                    observed, new)
     done = cs.complete(users, items, ~new)
     return users, done, new, user_cluster.numpy(), item_cluster.numpy()
@@ -124,20 +124,32 @@ def test_cold_path_ranks_new_items_by_planted_content(method):
     torch.testing.assert_close(items[~new], items0[~new])
 
 
-def test_reference_and_uncalibrated_rank_new_items_last_calibrated_does_not():
+@pytest.mark.parametrize("calibration", ["share", "spread"])
+def test_uncalibrated_rank_new_items_last_calibrated_do_not(calibration):
     def new_share_in_top(items: torch.Tensor, users: torch.Tensor, new: torch.Tensor) -> float:
         top = (users @ items.T).topk(20, dim=1).indices
         return float(new[top].float().mean())
 
-    users, calibrated, new, *_ = clusters_case("knn", "spread")
+    users, calibrated, new, *_ = clusters_case("knn", calibration)
     _, raw, *_ = clusters_case("knn", "none")
     share = float(new.float().mean())  # 0.2
     assert new_share_in_top(calibrated, users, new) > 0.5 * share
     assert new_share_in_top(raw, users, new) < 0.5 * new_share_in_top(calibrated, users, new)
-    # the spread multiplier scales the generated deviations from the old items' mean linearly
-    _, double, *_ = clusters_case("knn", "spread", spread=2.0)
+    # the scale multiplies the generated deviations from the old items' mean
+    _, double, *_ = clusters_case("knn", calibration, scale=2.0)
     center = calibrated[~new].mean(0)
     torch.testing.assert_close(double[new] - center, 2 * (calibrated[new] - center), rtol=1e-4, atol=1e-4)
+
+
+def test_share_factor_by_hand():
+    # one user u = (1, 0), center 0; own items score 3, 2, 1 (K = 3 items: threshold 1); trained held-out rows
+    # score 2 and 0.5 (one wins); generated rows score 0.25 and 0.1: alpha * 0.25 >= 1 wins from alpha = 4,
+    # the second from alpha = 10, so one win is reached first at alpha = 4 (on the grid)
+    users = torch.tensor([[1.0, 0.0]])
+    items = torch.tensor([[3.0, 0.0], [2.0, 1.0], [1.0, 5.0]])
+    trained = torch.tensor([[2.0, 0.0], [0.5, 3.0]])
+    held = torch.tensor([[0.25, 1.0], [0.1, -2.0]])
+    assert _share_factor(users, items, trained, held, torch.zeros(2)) == pytest.approx(4.0)
 
 
 def test_knn_is_the_mean_of_the_nearest_old_items_by_hand():
