@@ -290,7 +290,7 @@ class NodeTableRecommender(Recommender):
     def loss(self, batch: Batch) -> LossOutput:
         z = self.forward_all()
         if self.use_stale_cache:
-            self._stale = z.detach()
+            self._stale = z.detach().float()  # scores in float32 also after a mixed-precision step
         u = F.embedding(batch.users, z)
         pos, neg = F.embedding(torch.cat([batch.pos, batch.neg]) + self.n_users, z).split(len(batch.pos))
         parts = {"bpr": bpr_loss((u * pos).sum(1), (u * neg).sum(1))}
