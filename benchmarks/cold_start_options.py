@@ -20,6 +20,7 @@ import torch
 from dgmrec import api
 from dgmrec.data.impute import FeatureOptions, prepare_features
 from dgmrec.evaluation.protocol import Evaluator
+from dgmrec.models.base import cold_demand
 from dgmrec.models.coldstart import ColdStart, ColdStartOptions
 
 
@@ -45,7 +46,8 @@ def main() -> None:
     for text in args.options:
         pairs = {} if text == "reference" else dict(kv.split("=", 1) for kv in text.split(","))
         options = ColdStartOptions.from_config(pairs)  # the current defaults, whatever the run used
-        model.cold_start = ColdStart(options, features, torch.as_tensor(ds.observed), torch.as_tensor(new))
+        model.cold_start = ColdStart(options, features, torch.as_tensor(ds.observed), torch.as_tensor(new),
+                                     demand=cold_demand(ds), seen=ds.train_matrix())
         with torch.no_grad():
             model.prepare_eval()
             rows[text] = {s: round(ev.evaluate(model.score_users, s)[0]["recall@20"], 5) for s in ev.splits}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -13,7 +14,8 @@ import torch
 from dgmrec import api
 from dgmrec.errors import ConfigError
 from dgmrec.evaluation.protocol import Evaluator
-from dgmrec.models.coldstart import ColdStart, ColdStartOptions, _share_factor
+from dgmrec.models.base import cold_demand
+from dgmrec.models.coldstart import ColdStart, ColdStartOptions, _demand_factor, _share_factor
 from planted import all_scores, build, fit, make_planted, percentiles
 
 # ------------------------------------------------------------------------------------ evaluation by hand
@@ -150,6 +152,57 @@ def test_share_factor_by_hand():
     trained = torch.tensor([[2.0, 0.0], [0.5, 3.0]])
     held = torch.tensor([[0.25, 1.0], [0.1, -2.0]])
     assert _share_factor(users, items, trained, held, torch.zeros(2)) == pytest.approx(4.0)
+
+
+def test_demand_factor_by_hand():
+    # one user u = (1, 0), center 0, K = 2 (3 old + 1 cold item). Old items score 3, 2, 1; item 0 is a training
+    # item (masked), so the top 2 old scores are 2, 1. The cold row scores alpha * 0.5: it takes one of the
+    # two slots (share 0.5) once alpha * 0.5 > 1, i.e. from alpha = 2; a share of 0.25 is reached just there
+    users = torch.tensor([[1.0, 0.0]])
+    y = torch.tensor([[3.0, 0.0], [2.0, 1.0], [1.0, 5.0]])
+    seen = sp.csr_matrix(np.array([[1, 0, 0, 0]], dtype=np.float32))
+    cold = torch.tensor([[0.5, 2.0]])
+    alpha = _demand_factor(users, y, seen, torch.arange(3), cold, torch.zeros(2), demand=0.25, top=2)
+    assert alpha == pytest.approx(2.0, rel=1e-6)
+    # unmasked, the cold row must beat the second best old score (2): from alpha = 4
+    alpha = _demand_factor(users, y, sp.csr_matrix((1, 4), dtype=np.float32), torch.arange(3), cold,
+                           torch.zeros(2), demand=0.25, top=2)
+    assert alpha == pytest.approx(4.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("demand", [0.05, 0.2, 0.5])
+def test_demand_calibration_gives_new_items_the_demanded_share_of_top_lists(demand):
+    users, items, new, *_ = clusters_case("ridge")
+    seen = sp.random(len(users), len(new), density=0.05, format="csr", random_state=0)
+    seen = sp.csr_matrix(seen.multiply(~new.numpy()[None, :]))  # users trained on old items only
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(len(new), 6, generator=g), torch.randn(len(new), 5, generator=g)]
+    observed = torch.ones(len(new), 2, dtype=torch.bool)
+    untrained = torch.where(new[:, None], 0.01 * torch.randn(items.shape, generator=g), items)
+    cs = ColdStart(ColdStartOptions("ridge", calibration="demand"), feats, observed, new, demand=demand, seen=seen)
+    done = cs.complete(users, untrained, ~new)
+    scores = users @ done.T
+    scores[torch.as_tensor(seen.toarray() > 0)] = -float("inf")  # the evaluation's mask
+    got = float(new[scores.topk(20, dim=1).indices].float().mean())  # brute force, all items ranked
+    assert abs(got - demand) <= 0.02, (got, demand)
+
+
+def test_demand_without_a_demand_is_share():
+    # clusters_case builds its ColdStart without a demand (as in the missing setting, or without validation
+    # pairs on new items): "demand" then calibrates as "share"
+    _, share_items, *_ = clusters_case("ridge", calibration="share")
+    _, demand_items, *_ = clusters_case("ridge", calibration="demand")
+    _, spread_items, *_ = clusters_case("ridge", calibration="spread")
+    torch.testing.assert_close(demand_items, share_items)
+    assert not torch.allclose(spread_items, share_items)
+
+
+def test_cold_demand_is_the_validation_share_of_new_items(small3_new):
+    ds = small3_new
+    expected = float(np.mean([ds.new_items[i] for i in ds.valid[:, 1]]))
+    assert 0 < expected < 1 and cold_demand(ds) == pytest.approx(expected)
+    assert cold_demand(dataclasses.replace(ds, valid=ds.valid[~ds.new_items[ds.valid[:, 1]]])) is None
+    assert cold_demand(dataclasses.replace(ds, new_items=None, setting="missing")) is None
 
 
 def test_knn_is_the_mean_of_the_nearest_old_items_by_hand():

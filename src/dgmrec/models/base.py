@@ -32,6 +32,14 @@ from dgmrec.losses import bpr_loss
 from dgmrec.models.coldstart import ColdStart, ColdStartOptions
 
 
+def cold_demand(ds: RecDataset) -> float | None:
+    """Share of the validation interactions on new items (None outside the new-item setting or without any)."""
+    if ds.new_items is None or len(ds.valid) == 0:
+        return None
+    share = float(np.asarray(ds.new_items, dtype=bool)[ds.valid[:, 1]].mean())
+    return share if share > 0 else None
+
+
 @dataclass
 class ModelInput:
     """Everything a model may use: sizes, the training graph, imputed features and the observed mask."""
@@ -43,6 +51,8 @@ class ModelInput:
     features: dict[str, torch.Tensor]  # imputed, float32, (n_items, d_m)
     observed: torch.Tensor  # bool (n_items, M)
     new_items: torch.Tensor | None = None  # bool (n_items,)
+    #: share of the validation interactions that fall on new items (new-item setting; cold-start ``demand``)
+    cold_demand: float | None = None
     setting: str = "missing"
     dataset_name: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -67,6 +77,7 @@ class ModelInput:
             features={m: torch.from_numpy(x).to(device) for m, x in imputed.items()},
             observed=torch.from_numpy(ds.observed.copy()).to(device),
             new_items=None if ds.new_items is None else torch.from_numpy(ds.new_items.copy()).to(device),
+            cold_demand=cold_demand(ds),
             setting=ds.setting,
             dataset_name=ds.name,
             device=device,
@@ -224,7 +235,8 @@ class Recommender(nn.Module):
         cold = data.new_items if data.new_items is not None else torch.zeros(data.n_items, dtype=torch.bool)
         # the item features are kept for the cold path only when it is on (add_items can hand them over later)
         features = [data.features[m] for m in data.modalities] if options.method != "none" else None
-        return ColdStart(options, features, data.observed, cold.to(self.device))
+        return ColdStart(options, features, data.observed, cold.to(self.device), demand=data.cold_demand,
+                         seen=data.train)
 
     def add_items(self, features: Mapping[str, torch.Tensor], observed: torch.Tensor,
                   item_features: Mapping[str, torch.Tensor] | None = None) -> None:

@@ -40,11 +40,18 @@ the generated and the trained representation are known.
     scores of the trained ones (second moments about :math:`\bar y`, under the users' Gram matrix
     :math:`U^\top U / n_{users}`). Matching the whole distribution instead of its top can over-promote
     (measured on VBPR, TikTok).
+``demand``
+    :math:`\alpha` such that the model's own cold items win the share of the users' top-20 slots (training
+    items masked, as in evaluation) that the *validation* interactions fall on them: new items are shown as
+    often as the validation data say they are wanted. The share comes from the dataset
+    (:attr:`ModelInput.cold_demand`, new-item setting only; the test split is never read). Without it (no
+    new items, or no validation interaction on them) ``demand`` falls back to ``share``. Items added after
+    training take the factor of the own cold items.
 ``none``
     the generated rows as they are.
 
-The factor is then multiplied by ``cold_start_scale``. It depends on the old items only, so an item gets the
-same representation whether it was a new item at training time or added later.
+The factor is then multiplied by ``cold_start_scale``. Under ``share`` and ``spread`` it depends on the old
+items only, so an item gets the same representation whether it was a new item at training time or added later.
 """
 
 from __future__ import annotations
@@ -54,13 +61,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from dgmrec.errors import ConfigError
 from dgmrec.losses import ridge_fit
 
 COLD_START_METHODS = ("none", "knn", "ridge")
-CALIBRATIONS = ("none", "share", "spread")
+CALIBRATIONS = ("none", "share", "spread", "demand")
 #: old items whose generated representations set the calibration factor (evenly spaced)
 CALIBRATION_SAMPLE = 2048
 #: users whose top lists set the ``share`` factor (evenly spaced), and the list length
@@ -161,8 +169,12 @@ class ColdStart:
     """
 
     def __init__(self, options: ColdStartOptions, features: Sequence[torch.Tensor] | None, observed: torch.Tensor,
-                 cold: torch.Tensor) -> None:
+                 cold: torch.Tensor, demand: float | None = None, seen: sp.csr_matrix | None = None) -> None:
         self.options = options
+        # ``demand`` calibration: the validation share of interactions on the own cold items, and the
+        # (user, item) pairs the evaluation masks
+        self.demand = demand
+        self.seen = seen
         self._features = None if features is None else list(features)
         self._observed = observed
         self.n_own = len(observed)
@@ -219,10 +231,23 @@ class ColdStart:
             raise ConfigError("cold start needs old items with training interactions", source="cold_start")
         y = items[targets].float()
         generated = self._generate(options.method, rows, targets, y)
-        if options.calibration != "none":
+        demand = self._demand_rows(rows) if options.calibration == "demand" else None
+        if demand is not None:
+            alpha = _demand_factor(users.float(), y, self.seen, targets, generated[demand].float(), y.mean(0),
+                                   float(self.demand))  # type: ignore[arg-type]
+            if alpha is not None:
+                generated = y.mean(0) + options.scale * alpha * (generated - y.mean(0))
+        elif options.calibration != "none":
             generated = self._calibrate(options, targets, y, users.float(), items.float(), generated)
         out[rows] = generated.to(out.dtype)
         return out
+
+    def _demand_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """Positions in ``rows`` of the own cold items, when the ``demand`` calibration can use them."""
+        if self.demand is None or not self.demand > 0 or self.seen is None:
+            return None
+        own = (rows < self.n_own).nonzero().ravel()
+        return own if len(own) else None
 
     def _generate(self, method: str, rows: torch.Tensor, targets: torch.Tensor, y: torch.Tensor,
                   exclude_self: bool = False) -> torch.Tensor:
@@ -281,7 +306,7 @@ class ColdStart:
             held = self._generate(options.method, targets[pick], targets, y, exclude_self=True)
         center = y.mean(0)
         if options.calibration == "spread":
-            alpha = _spread_ratio(users, y - center, held - center)
+            alpha = _spread_ratio(users, y - center, held - center)  # "demand" without a demand: as "share"
         else:
             alpha = _share_factor(users, items, y[pick], held, center)
         if alpha is None:
@@ -330,3 +355,55 @@ def _share_factor(users: torch.Tensor, items: torch.Tensor, trained: torch.Tenso
         return None
     best = int(torch.argmin((won - target).abs()))
     return float(grid[best])
+
+
+def _calibration_users(n_users: int, n_columns: int) -> torch.Tensor:
+    """Evenly spaced users for a calibration; fewer for wide catalogues (at most 2^24 scores at once)."""
+    n = min(n_users, CALIBRATION_USERS, max(64, 2**24 // max(1, n_columns)))
+    return torch.as_tensor(np.unique(np.linspace(0, n_users - 1, n).astype(np.int64)))
+
+
+def _demand_factor(users: torch.Tensor, y: torch.Tensor, seen: sp.csr_matrix, targets: torch.Tensor,
+                   cold: torch.Tensor, center: torch.Tensor, demand: float, top: int = CALIBRATION_TOP,
+                   ) -> float | None:
+    """The factor at which the cold rows ``cold`` win the share ``demand`` of the users' top-K slots.
+
+    The old items ``targets`` (trained rows ``y``) compete with their training pairs (``seen``) masked. With
+    the user's old scores ``T`` and cold scores ``C(alpha) = u.c + alpha * u.(h - c)``, both sorted downwards,
+    the cold items in the merged top-K number ``#{j : C_j > T_{K-1-j}}``. The share grows with ``alpha``; the
+    factor is found by bisection on ``log alpha`` in [2^-6, 2^10].
+    """
+    k = min(top, len(targets) + len(cold))
+    rows = _calibration_users(len(users), max(len(targets), len(cold))).to(users.device)
+    u = users[rows]
+    target_cols = targets.cpu().numpy()
+    thresholds = []
+    for blk_rows in rows.split(512):
+        blk = users[blk_rows]
+        scores = blk @ y.T
+        mask = seen[blk_rows.cpu().numpy()][:, target_cols].toarray().astype(bool)
+        scores[torch.as_tensor(mask, device=scores.device)] = -float("inf")
+        best = scores.topk(min(k, scores.shape[1]), dim=1).values
+        if best.shape[1] < k:
+            best = torch.cat([best, best.new_full((len(best), k - best.shape[1]), -float("inf"))], dim=1)
+        thresholds.append(best)
+    # the old score each cold rank must beat: the (K - j)-th best for the (j + 1)-th best cold item
+    beat = torch.cat(thresholds).flip(1)[:, : min(k, len(cold))]
+    base = (u @ center)[:, None]
+    slope = u @ (cold - center).T
+
+    def share(log_alpha: float) -> float:
+        c = (base + 2.0**log_alpha * slope).topk(beat.shape[1], dim=1).values
+        return float((c > beat).sum()) / (len(u) * k)
+
+    lo, hi = -6.0, 10.0
+    if share(hi) <= 0:
+        return None
+    if share(lo) >= demand:
+        return 2.0**lo
+    if share(hi) <= demand:
+        return 2.0**hi
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if share(mid) < demand else (lo, mid)
+    return 2.0 ** ((lo + hi) / 2)
