@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -235,6 +236,17 @@ def test_by_missing_level_agrees_with_the_recommend_command(done_study, capsys):
         assert stored["groups"][str(level)]["users"] == len(per_user)
     results = json.loads((folder / "results.json").read_text())
     assert stored["groups"]["all"]["recall@20"] == pytest.approx(results["test"]["recall@20"], abs=1e-6)
+
+
+def test_by_missing_level_on_a_folder_with_id_maps(tmp_path, small3):
+    """Datasets built from raw ids (user_ids.csv / item_ids.csv): the analysis works on internal indices."""
+    ds = dataclasses.replace(small3, user_ids=np.array([f"user_{u}" for u in range(small3.n_users)]),
+                             item_ids=np.array([f"item_{i}" for i in range(small3.n_items)]))
+    folder = write_mmrec(ds, tmp_path / "ids")
+    assert (folder / "user_ids.csv").exists()
+    res = api.train("LightGCN", folder, out=tmp_path / "run", overrides={"epochs": 1}, progress=False)
+    stored = an.by_missing_level(api.load_run(tmp_path / "run"), ks=[20])
+    assert stored["groups"]["all"]["recall@20"] == pytest.approx(res["test"]["recall@20"], abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ significance

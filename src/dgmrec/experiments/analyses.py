@@ -81,7 +81,7 @@ def by_missing_level(loaded: Any, ks: Sequence[int]) -> dict[str, Any]:
     ds = loaded.dataset
     users = evaluated_users(ds.train, ds.test)
     k = max(ks)
-    recs = api.recommend(loaded, k=k, users=users.tolist(), exclude="train")
+    recs = api.recommend(loaded, k=k, users=users.tolist(), exclude="train", ids="internal")
     top = recs["item"].to_numpy().reshape(len(users), -1)
     groups = grouped_recall(top, users, ds.test, ds.missing_count, ks)
     return {"ks": list(ks), "modalities": ds.modalities, "groups": groups}
