@@ -17,7 +17,7 @@ from dgmrec.config import check_values, resolve_config, shipped
 from dgmrec.errors import ConfigError
 from dgmrec.models import build_model
 from dgmrec.models.mfbpr import MFBPR
-from dgmrec.training.trainer import EarlyStopper, Trainer, seed_everything
+from dgmrec.training.trainer import EarlyStopper, Trainer, TrainingStopped, seed_everything
 from model_checks import check_gradients, check_loss_decreases, check_shapes, make_trainer, popularity_recall
 
 
@@ -116,6 +116,18 @@ def test_resuming_after_n_epochs_reproduces_the_uninterrupted_run(small2, tmp_pa
     assert part[0] == full[0] and part[1] == full[1]
     assert len(part[1]) == 6 and part[0]["epochs_run"] == 6
     assert _same(part[2], full[2])
+
+
+def test_a_stop_callback_ends_the_run_resumably(small2, tmp_path):
+    cfg = _lightgcn_config(small2)
+    make_trainer("LightGCN", small2, cfg, tmp_path / "full").fit()
+    asked = []
+    with pytest.raises(TrainingStopped):
+        make_trainer("LightGCN", small2, cfg, tmp_path / "part").fit(stop=lambda: asked.append(1) or len(asked) == 2)
+    assert len(asked) == 2 and not (tmp_path / "part" / "results.json").exists()
+    assert len((tmp_path / "part" / "log.jsonl").read_text().splitlines()) == 2
+    make_trainer("LightGCN", small2, cfg, tmp_path / "part").fit(resume=True)
+    assert _run_record(tmp_path / "part")[:2] == _run_record(tmp_path / "full")[:2]
 
 
 def test_fit_is_the_composition_of_the_steps(small2, tmp_path):

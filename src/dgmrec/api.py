@@ -12,7 +12,7 @@ them (``ids="internal"`` for the internal indices), ``generate`` writes the maps
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,7 @@ def train(
     setting: str = "missing",
     use_best: bool = True,
     overwrite: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` and write the run directory; returns the content of ``results.json``.
 
@@ -92,7 +93,8 @@ def train(
     ``"synthetic"`` with the dataset options. ``resume`` continues the run in ``out`` (an error if it has no
     checkpoint). A directory that already holds a run (``results.json`` or ``checkpoint.pt``) is an error
     unless ``resume`` or ``overwrite``; ``overwrite`` removes that run's files (once the configuration has
-    been checked) and trains afresh. In a process started by ``torchrun``
+    been checked) and trains afresh. ``stop`` is asked after every epoch; True ends the run there with
+    :class:`dgmrec.training.trainer.TrainingStopped` (checkpoint kept, resumable). In a process started by ``torchrun``
     it trains data-parallel with the other processes (:mod:`dgmrec.training.distributed`, ``docs/distributed.md``).
     """
     if resume and overwrite:
@@ -120,7 +122,7 @@ def train(
         trainer_class = distributed.DistributedTrainer if distributed.active() else Trainer
         trainer = trainer_class(net, ds, cfg, out, spec=spec.resolved(),
                                 run_info={"config_layers": layers, "model": name}, progress=progress)
-        return trainer.fit(resume=resume).results
+        return trainer.fit(resume=resume, stop=stop).results
 
 
 @dataclass

@@ -886,10 +886,12 @@ class RunOutcome:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def execute_run(study: Study, run: RunPlan, device: str | None = None, progress: bool = False) -> bool:
+def execute_run(study: Study, run: RunPlan, device: str | None = None, progress: bool = False,
+                stop: Callable[[], bool] | None = None) -> bool:
     """Train ``run`` unless its results exist, compute missing post-training analyses, write the record.
 
-    Returns True when it trained. The caller holds the run's lock.
+    Returns True when it trained. The caller holds the run's lock. ``stop`` is handed to the training
+    (:func:`dgmrec.api.train`): True after an epoch ends it with ``TrainingStopped``, resumable.
     """
     from dgmrec import api
 
@@ -905,7 +907,7 @@ def execute_run(study: Study, run: RunPlan, device: str | None = None, progress:
                       device=device or study.device, resume=(folder / "checkpoint.pt").is_file(), progress=progress,
                       modalities=run.modalities or None,
                       mask=resolve_store_path(run.mask, study.store) or None,
-                      mask_letters=run.mask_letters or None, setting=run.setting)
+                      mask_letters=run.mask_letters or None, setting=run.setting, stop=stop)
             trained = True
         record = {"status": "done", "key": run.key, "model": run.model, "dataset": run.dataset,
                   "setting": run.setting, "seed": run.seed, "config": run.config, "post": {},

@@ -14,9 +14,7 @@ trial is the best validation value of its log.
 
 from __future__ import annotations
 
-import _thread
 import json
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -133,56 +131,34 @@ def _suggest(trial: Any, key: str, dist: Any) -> Any:
 
 
 class _Watcher:
-    """Reports a training run's validation curve to the trial as it grows; interrupts the training when pruned."""
+    """Reports a training run's validation curve to the trial as it grows; asked after every epoch whether the
+    training should stop (the trial is pruned)."""
 
-    def __init__(self, trial: Any, log: Path, metric: str, interval: float = 0.25) -> None:
+    def __init__(self, trial: Any, log: Path, metric: str) -> None:
         self.trial = trial
         self.log = log
         self.metric = metric
-        self.interval = interval
         self.offset = 0
         self.best = float("-inf")
         self.reported: set[int] = set()
-        self.fired = False
-        self.active = True
-        self.lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.pruned = False
 
     def poll(self) -> bool:
         """Report new evaluations; True when the trial should be pruned."""
         points, self.offset = read_validation_curve(self.log, self.metric, self.offset)
-        prune = False
         for epoch, value in points:
             self.best = max(self.best, value)
             if epoch not in self.reported:
                 self.reported.add(epoch)
                 self.trial.report(value, step=epoch)
-                prune = prune or self.trial.should_prune()
-        return prune
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            if self.poll():
-                with self.lock:
-                    if self.active:
-                        self.fired = True
-                        _thread.interrupt_main()
-                return
-
-    def __enter__(self) -> _Watcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        with self.lock:
-            self.active = False
-        self._stop.set()
-        self._thread.join()
+                self.pruned = self.pruned or self.trial.should_prune()
+        return self.pruned
 
 
 def _train_trial(study: Study, run: RunPlan, trial: Any, metric: str) -> float:
     import optuna
+
+    from dgmrec.training.trainer import TrainingStopped
 
     folder = run.folder(study.store)
     log = folder / "log.jsonl"
@@ -197,16 +173,10 @@ def _train_trial(study: Study, run: RunPlan, trial: Any, metric: str) -> float:
         time.sleep(1.0)  # the same configuration is training in another process
     watcher = _Watcher(trial, log, metric)
     try:
-        try:
-            with watcher:
-                execute_run(study, run)
-            if watcher.fired:  # the interrupt was sent but training ended first: let it arrive here
-                while True:
-                    time.sleep(0.05)
-        except KeyboardInterrupt:
-            if not watcher.fired:
-                raise
-            raise optuna.TrialPruned(f"pruned after {len(watcher.reported)} evaluations") from None
+        # the training asks the watcher after every epoch (in this thread: no signal, nothing asynchronous)
+        execute_run(study, run, stop=watcher.poll)
+    except TrainingStopped:
+        raise optuna.TrialPruned(f"pruned after {len(watcher.reported)} evaluations") from None
     finally:
         lock.release()
     watcher.poll()

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from dgmrec.data.dataset import RecDataset
 from dgmrec.data.spec import DatasetSpec
-from dgmrec.errors import ConfigError
+from dgmrec.errors import ConfigError, InputError
 from dgmrec.models.base import Batch, Recommender
 from dgmrec.training.trainer import Trainer, TrainResult
 
@@ -225,7 +225,9 @@ class DistributedTrainer(Trainer):
         local.write_bytes(payload)
         super().restore(local)
 
-    def fit(self, resume: bool = False) -> TrainResult:
+    def fit(self, resume: bool = False, stop: Callable[[], bool] | None = None) -> TrainResult:
+        if stop is not None:  # the ranks would have to agree on stopping in the same epoch
+            raise InputError("a stop callback is not supported in data-parallel training", source="stop")
         try:
             return super().fit(resume)
         finally:

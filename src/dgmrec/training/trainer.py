@@ -25,7 +25,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,10 @@ logger = logging.getLogger("dgmrec")
 
 #: the new-item setting's extra test splits, reported in results.json beside ``test``
 COLD_START_SPLITS = ("test_new_items", "test_cold", "test_warm")
+
+
+class TrainingStopped(Exception):
+    """A run ended early by its ``stop`` callback (:meth:`Trainer.fit`); its checkpoint is kept."""
 
 
 def seed_everything(seed: int) -> None:
@@ -197,23 +201,31 @@ class Trainer:
         return self.epoch >= self.epochs or self.stopper.should_stop
 
     # ------------------------------------------------------------- the steps
-    def fit(self, resume: bool = False) -> TrainResult:
-        """Train until finished (continuing ``checkpoint.pt`` when ``resume``) and write ``results.json``."""
+    def fit(self, resume: bool = False, stop: Callable[[], bool] | None = None) -> TrainResult:
+        """Train until finished (continuing ``checkpoint.pt`` when ``resume``) and write ``results.json``.
+
+        ``stop`` is asked after every epoch; when it answers True the run ends there with
+        :class:`TrainingStopped`, its last checkpoint kept and no ``results.json`` (it can be resumed).
+        """
         if resume:
             self.restore()
         self.open_run()
         bar = _progress(self.progress, total=self.epochs, initial=self.epoch,
                         desc=f"{self.model.name} on {self.ds.name}")
-        while not self.finished:
-            entry = self.run_epoch()
+        try:
+            while not self.finished:
+                entry = self.run_epoch()
+                if bar is not None:
+                    bar.update(1)
+                    post_fix = {"loss": entry.get("loss", 0.0)}
+                    if "valid" in entry:
+                        post_fix[self.valid_metric] = entry["valid"][self.valid_metric]
+                    bar.set_postfix(post_fix)
+                if stop is not None and not self.finished and stop():
+                    raise TrainingStopped(f"stopped after {self.epoch} epochs")
+        finally:
             if bar is not None:
-                bar.update(1)
-                post_fix = {"loss": entry.get("loss", 0.0)}
-                if "valid" in entry:
-                    post_fix[self.valid_metric] = entry["valid"][self.valid_metric]
-                bar.set_postfix(post_fix)
-        if bar is not None:
-            bar.close()
+                bar.close()
         return TrainResult(results=self.write_results(), model=self.model, history=self.history)
 
     def restore(self, path: str | Path | None = None) -> None:
