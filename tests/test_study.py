@@ -249,6 +249,26 @@ def test_by_missing_level_on_a_folder_with_id_maps(tmp_path, small3):
     assert stored["groups"]["all"]["recall@20"] == pytest.approx(res["test"]["recall@20"], abs=1e-6)
 
 
+def test_cold_start_table_holds_each_split_of_the_runs(tmp_path, data_dir):
+    path = _study_file(tmp_path, data_dir, models=["LightGCN", "MFBPR"], seeds=[1],
+                       datasets={"small": {"data": str(data_dir), "setting": "new-items"}},
+                       analyses=[{"kind": "cold_start", "metrics": ["recall@20", "ndcg@20"]}])
+    study = st.load_study(path)
+    st.run_study(study, progress=False)
+    rp.build_report(study)
+    rows = list(csv.reader((study.report / "cold_start.csv").read_text().splitlines()))
+    means = [j for j, h in enumerate(rows[0]) if j and not h.endswith((" std", " n"))]  # CSV: + std, n columns
+    header, body = [rows[0][j] for j in means], {r[0]: [r[j] for j in means] for r in rows[1:]}
+    assert header[:5] == [f"small {s} R@20" for s in ("valid", "test", "hybrid", "cold", "warm")]
+    plan = st.plan_study(study, write=False)
+    for model in ("LightGCN", "MFBPR"):
+        cell = plan.select("main", model=model)[0]
+        res = json.loads((plan.runs[cell.key].folder(study.store) / "results.json").read_text())
+        splits = ("valid", "test", "test_new_items", "test_cold", "test_warm")
+        expected = [res[s][m] for m in ("recall@20", "ndcg@20") for s in splits]
+        assert [float(v) for v in body[model]] == pytest.approx(expected, abs=5e-5)
+
+
 # ------------------------------------------------------------------------------------------ significance
 def test_significance_tests_by_hand():
     # every one of 5 differences positive: exact two-sided Wilcoxon p = 2 / 2^5

@@ -314,7 +314,8 @@ def build_overall(ctx: Context, a: Analysis, stem: str) -> list[Path]:
                 p_seeds.append(PValue(an.ttest_seeds(sa, sb)))
         body += [improv, p_users, p_seeds]
         what = "focus model " + o["focus"] if o["focus"] else "the best row"
-        caption = (f"Test {'/'.join(_short(m) for m in metrics)}, full ranking, {_seed_note(ctx)}. "
+        caption = (f"{SPLIT_NAMES.get(split, split)} {'/'.join(_short(m) for m in metrics)}, full ranking, "
+                   f"{_seed_note(ctx)}. "
                    f"Improv.: {what} over the best row of another model, in % of the latter (best values in "
                    f"bold). p (users): two-sided Wilcoxon signed-rank test over users of the per-user metric "
                    f"(averaged over seeds) between those two rows; p (seeds): two-sided paired t-test over seeds "
@@ -323,6 +324,36 @@ def build_overall(ctx: Context, a: Analysis, stem: str) -> list[Path]:
                   header=header, rows=body, bold=bold)
         paths += write_table(t, ctx.out)
     return paths
+
+
+#: the splits of a run's results.json, as tables name them
+SPLIT_NAMES = {"valid": "Validation", "test": "Test", "test_new_items": "Hybrid (new-item truth, all items ranked)",
+               "test_cold": "Cold (new items ranked)", "test_warm": "Warm (old items ranked)"}
+COLD_SPLITS = ("valid", "test", "test_new_items", "test_cold", "test_warm")
+
+
+def build_cold_start(ctx: Context, a: Analysis, stem: str) -> list[Path]:
+    """New-item setting: validation, reference test, hybrid, cold and warm metrics side by side per row."""
+    metrics = list(a.options["metrics"])
+    datasets = [d for d in _datasets(ctx, a) if "new-items" in ctx.study.datasets[d].settings]
+    if not datasets:
+        return []
+    short = {"valid": "valid", "test": "test", "test_new_items": "hybrid", "test_cold": "cold", "test_warm": "warm"}
+    header = ["Model"] + [f"{d} {short[s]} {_short(m)}" for d in datasets for m in metrics for s in COLD_SPLITS]
+    body: list[list[Any]] = []
+    for m, v, label in _rows(ctx, a):
+        row: list[Any] = [label]
+        for d in datasets:
+            cells = ctx.plan.select("main", dataset=d, setting="new-items", model=m, variant=v)
+            row += [ctx.stat(cells, s, met) for met in metrics for s in COLD_SPLITS]
+        body.append(row)
+    caption = ("New-item setting. valid: validation split; test: the reference new-item test set (original test "
+               "plus the new items' former training interactions); hybrid: every item ranked, truth = test "
+               "interactions on new items; cold: only new items ranked; warm: only old items ranked, truth on "
+               f"old items. Full ranking, training items masked, {_seed_note(ctx)}. "
+               f"{selection_note(ctx.valid_metric)}")
+    t = Table(name=stem, title="Cold start: new items", caption=caption, header=header, rows=body)
+    return write_table(t, ctx.out)
 
 
 def _short(metric: str) -> str:
@@ -676,6 +707,7 @@ def build_cost(ctx: Context, a: Analysis, stem: str) -> list[Path]:
 BUILDERS: dict[str, Callable[[Context, Analysis, str], list[Path]]] = {
     "overall": build_overall,
     "by_missing_level": build_by_missing_level,
+    "cold_start": build_cold_start,
     "missing_ratio": build_missing_ratio,
     "ablation": build_ablation,
     "sensitivity": build_sensitivity,

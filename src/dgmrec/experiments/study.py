@@ -83,6 +83,7 @@ _ANALYSES: dict[str, dict[str, Any]] = {
     "overall": {"metrics": DEFAULT_METRICS, "split": "test", "focus": "", "datasets": _LIST, "models": _LIST,
                 "variants": _LIST},
     "by_missing_level": {"k": [20], "datasets": _LIST, "models": _LIST, "variants": _LIST},
+    "cold_start": {"metrics": ["recall@20"], "datasets": _LIST, "models": _LIST, "variants": _LIST},
     "missing_ratio": {"dataset": "", "setting": "missing", "ratios": [0.0, 0.2, 0.4, 0.6, 0.8],
                       "mask_seed": 1225, "new_item_seed": 1111, "models": _LIST, "seed": -1, "variant": "",
                       "metrics": ["recall@20", "ndcg@20"]},
