@@ -40,7 +40,7 @@ from dgmrec.serving.schemas import (
     SimilarItem,
     SimilarItems,
 )
-from dgmrec.serving.state import ConflictError, NotFoundError, ServingState, UnavailableError
+from dgmrec.serving.state import ConflictError, NotFoundError, ServingState
 
 log = logging.getLogger("dgmrec.serving")
 
@@ -197,8 +197,7 @@ def _error(status: int, detail: str, field: str | None) -> JSONResponse:
 
 
 def _input_error(exc: InputError) -> JSONResponse:
-    status = 404 if isinstance(exc, NotFoundError) else 409 if isinstance(exc, ConflictError) else \
-        501 if isinstance(exc, UnavailableError) else 422
+    status = 404 if isinstance(exc, NotFoundError) else 409 if isinstance(exc, ConflictError) else 422
     return _error(status, str(exc), exc.source)
 
 

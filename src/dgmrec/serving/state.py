@@ -52,10 +52,6 @@ class ConflictError(InputError):
     """An id that is already taken (HTTP 409)."""
 
 
-class UnavailableError(InputError):
-    """A capability the installed dgmrec or the run's model does not offer (HTTP 501)."""
-
-
 # ------------------------------------------------------------------------------------------------------- ids
 class IdMap:
     """Raw id <-> internal index, append-only, shared by snapshots.
@@ -357,8 +353,9 @@ class ServingState:
         model: Recommender = self.lr.model
         with torch.no_grad():
             model.prepare_eval()
-            if type(model).score_users is Recommender.score_users and model._eval_cache is not None:
-                users, items = (t.detach().clone() for t in model._eval_cache)
+            cached = model.eval_representations()
+            if type(model).score_users is Recommender.score_users and cached is not None:
+                users, items = (t.detach().clone() for t in cached)
                 return _DotScorer(users, items), items.cpu().numpy()
             frozen = copy.deepcopy(model)  # a model with its own scoring: score with a private copy
             frozen.prepare_eval()
@@ -519,12 +516,8 @@ class ServingState:
     def _apply_added(self, ids: Sequence[str], features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Hand new items to the model through :func:`dgmrec.api.add_items`; returns their completed rows
         (stored space)."""
-        add = getattr(api, "add_items", None)
-        if add is None:
-            raise UnavailableError("this dgmrec cannot add items to a trained run (dgmrec.api.add_items is "
-                                   "missing)", source="items")
         with tempfile.TemporaryDirectory(prefix="dgmrec-serve-") as scratch:
-            add(self.lr, dict(features), item_ids=list(ids), out=Path(scratch) / "added")
+            api.add_items(self.lr, dict(features), item_ids=list(ids), out=Path(scratch) / "added")
         return self._added_completed(features)
 
     def _added_completed(self, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
