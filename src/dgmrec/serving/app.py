@@ -278,9 +278,9 @@ def create_app(state: ServingState, *, max_body_bytes: int = DEFAULT_MAX_BODY, m
     @app.post("/items", response_model=AddItemsResponse,
               responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "An id is taken."},
                          413: {"model": ErrorResponse, "description": "Body too large."}},
-              summary="Add items with the modalities they have; the model generates the rest")
+              summary="Add items with the modalities they have (vectors or raw content); the model generates the rest")
     def add_items(body: AddItemsRequest) -> AddItemsResponse:
-        added = state.add_items([(it.id, it.features) for it in body.items])
+        added = state.add_items([(it.id, it.features) for it in body.items], [it.content for it in body.items])
         return AddItemsResponse(items=[AddedItem(id=a.id, observed=a.observed, generated=a.generated,
                                                  imputed=a.imputed) for a in added])
 
