@@ -65,7 +65,8 @@ class BuiltModality:
 
 def built_modalities(folder: str | Path) -> dict[str, BuiltModality]:
     """The modalities of a dataset folder that the features pipeline built; empty when the folder has no
-    missing-content report (features made elsewhere, e.g. precomputed ones).
+    missing-content report (features made elsewhere, e.g. precomputed ones). A report is read once per version
+    of the file (its modification time and size).
 
     Parameters
     ----------
@@ -222,8 +223,9 @@ def encode_given(built: BuiltModality, contents: Sequence[str | bytes | None], f
             if not isinstance(contents[k], bytes if as_files else str):
                 raise InputError(f"expected {'bytes' if as_files else 'a text'}, got {type(contents[k]).__name__}",
                                  source=fields[k])
-        source = cls(column=_COLUMN, modality=built.modality) if as_files else \
-            cls(columns=(_COLUMN,), modality=built.modality)  # type: ignore[call-arg]
+        # the kind's own source, reading the content column (file kinds: file names in the scratch folder)
+        options = {"column": _COLUMN} if as_files else {"columns": (_COLUMN,)}
+        source = cls(modality=built.modality, **options)  # type: ignore[call-arg]
         encoder, lock = recorded_encoder(built, device)
         with tempfile.TemporaryDirectory(prefix="dgmrec-given-") as scratch:
             items = _given_items(contents, Path(scratch), as_files)
