@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -133,6 +134,27 @@ def test_similar_items_are_the_cosine_neighbours(client: TestClient, run_dir: Pa
             assert body["space"] == space
             assert [x["item"] for x in body["items"]] == [item_id(j) for j in order]
             np.testing.assert_allclose([x["score"] for x in body["items"]], sims[order], rtol=1e-4, atol=1e-5)
+
+
+def test_eval_representations_are_what_the_default_scoring_multiplies(run_dir: Path, tmp_path: Path) -> None:
+    lr = api.load_run(run_dir)
+    model = lr.model
+    model.train()
+    assert model.eval_representations() is None  # nothing cached while parameters may change
+    model.eval()
+    model.prepare_eval()
+    reps = model.eval_representations()
+    assert reps is not None
+    users, items = reps
+    assert users.shape[0] == N_USERS and items.shape[0] == N_ITEMS
+    which = torch.tensor([0, 9, N_USERS - 1])
+    torch.testing.assert_close(model.score_users(which), users[which] @ items.T)
+    api.add_items(lr, {"audio": np.full((2, 32), 0.4, dtype=np.float32)}, out=tmp_path / "added")
+    assert model.eval_representations() is None  # adding items drops the cache
+    model.prepare_eval()
+    users, items = model.eval_representations()  # type: ignore[misc]
+    assert items.shape[0] == N_ITEMS + 2
+    torch.testing.assert_close(model.score_users(which), users[which] @ items.T)
 
 
 def test_ann_index_finds_the_exact_neighbours(run_dir: Path) -> None:

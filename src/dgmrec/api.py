@@ -34,8 +34,8 @@ from dgmrec.training.checkpoint import check_fingerprint, load_checkpoint
 from dgmrec.training.precision import set_threads
 from dgmrec.training.trainer import Trainer, clear_run, holds_run, resolve_device, seed_everything
 
-__all__ = ["SYNTHETIC", "AddedItems", "ConfigView", "DatasetSpec", "LoadedRun", "add_items", "explain_config",
-           "generate", "load_dataset", "load_run", "recommend", "retrieval", "train"]
+__all__ = ["SYNTHETIC", "AddedItems", "ConfigView", "DatasetSpec", "LoadedRun", "add_items", "content_features",
+           "explain_config", "generate", "load_dataset", "load_run", "recommend", "retrieval", "train"]
 
 
 def dataset_spec(
@@ -393,6 +393,71 @@ def add_items(run: str | Path | LoadedRun, features: Mapping[str, np.ndarray],
     _apply_added(lr, raw, observed, ids)
     _record_added(lr, folder)
     return AddedItems(run=lr, items=np.arange(start, start + n), ids=ids, folder=folder)
+
+
+def content_features(run: str | Path | LoadedRun, contents: Sequence[Mapping[str, str | bytes | None]],
+                     device: str | None = "cpu", *, field: str = "contents[{k}].{m}") -> dict[str, np.ndarray]:
+    """Feature rows of items given by their raw content, encoded as the run's dataset folder was built.
+
+    ``contents`` holds one mapping per item, modality -> content: a text for a modality built from texts, the
+    bytes of a file (or their base64 text, also as a ``data:...;base64,`` URL) for one built from files (images,
+    ...); None, or a modality left out, is no content. The run's dataset folder must record how its features
+    were built (``dgmrec dataset build`` and ``dgmrec features`` write it into ``missing_content.json``; folders of
+    precomputed features have no such record) and the ``features`` extra must be installed for the encoders that
+    need it. Each content goes through the build's own source, decoding and encoder
+    (:func:`dgmrec.features.encode_given`); the encoders are loaded once per process.
+
+    Returns modality -> ``(n, d_m)`` float32 in the stored feature space (what :func:`add_items` takes), NaN rows
+    for items without content, for the modalities some item has content for. Each error is an :class:`InputError`
+    naming the content at fault: ``field`` formatted with the item's position ``k`` and the modality ``m``. The
+    encoders run on the model's device.
+    """
+    from dgmrec.features.given import built_modalities, encode_given
+
+    lr = run if isinstance(run, LoadedRun) else load_run(run, device)
+    ds = lr.dataset
+    folder = None if lr.spec.synthetic else Path(lr.spec.data)
+    built = built_modalities(folder) if folder is not None else {}
+    wanted: dict[str, list[str | bytes | None]] = {}
+    for k, item in enumerate(contents):
+        for m, value in item.items():
+            where = field.format(k=k, m=m)
+            if m not in ds.features:
+                raise InputError(f"unknown modality {m!r}; the run has: {', '.join(ds.modalities)}", source=where)
+            if value is None:
+                continue
+            record = built.get(m)
+            if record is None:
+                raise InputError(f"the run's dataset ({lr.spec.data}) does not record how its '{m}' features were "
+                                 "built (only `dgmrec dataset build` / `dgmrec features` folders do); send the "
+                                 "feature vector instead", source=where)
+            if record.dim != ds.features[m].shape[1]:
+                raise InputError(f"the dataset records a {record.dim}-d encoder for '{m}', the run's features have "
+                                 f"{ds.features[m].shape[1]} values", source=where)
+            try:
+                wanted.setdefault(m, [None] * len(contents))[k] = value if record.takes_text else _file_bytes(value)
+            except InputError as exc:
+                raise InputError(str(exc), source=where) from None
+    return {m: encode_given(built[m], values, [field.format(k=k, m=m) for k in range(len(contents))],
+                            device=str(lr.model.device)) for m, values in wanted.items()}
+
+
+def _file_bytes(value: str | bytes) -> bytes:
+    """A file's bytes, given as bytes or as base64 text (optionally a ``data:<type>;base64,`` URL)."""
+    import base64
+    import binascii
+
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str):
+        raise InputError(f"expected the file's bytes or their base64 text, got {type(value).__name__}")
+    text = value.strip()
+    if text.startswith("data:") and ";base64," in text:
+        text = text.split(";base64,", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"not valid base64 ({exc})") from None
 
 
 def _check_added_features(ds: RecDataset, features: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],

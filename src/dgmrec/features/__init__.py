@@ -24,6 +24,7 @@ from dgmrec.features.encoders import (
     register_image_encoder,
     register_text_encoder,
 )
+from dgmrec.features.given import BuiltModality, built_modalities, encode_given
 from dgmrec.features.output import MissingItem, ModalityResult, write_features
 from dgmrec.features.pipeline import encode_modality, extract_features
 from dgmrec.features.sources import (
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_IMAGE_ENCODER",
     "DEFAULT_TEXT_ENCODER",
     "BuildResult",
+    "BuiltModality",
     "Collected",
     "Encoder",
     "FeatureCache",
@@ -58,6 +60,8 @@ __all__ = [
     "TextSource",
     "TorchImageEncoder",
     "build_dataset",
+    "built_modalities",
+    "encode_given",
     "encode_modality",
     "extract_features",
     "load_encoder",

@@ -188,6 +188,13 @@ class Recommender(nn.Module):
         user_rep, item_rep = self._eval_cache
         return user_rep[users] @ (item_rep if items is None else item_rep[items]).T
 
+    def eval_representations(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ``(n_users, d)`` user and ``(n_items, d)`` item representations that the default
+        :meth:`score_users` multiplies (items added with :meth:`add_items` included), as cached by the last
+        :meth:`prepare_eval`; None when nothing is cached (before :meth:`prepare_eval`, or after training or
+        :meth:`add_items` changed the model). The tensors are the cache itself: copy them before changing them."""
+        return self._eval_cache
+
     def train(self, mode: bool = True) -> Recommender:
         self._eval_cache = None  # parameters are about to change
         return super().train(mode)

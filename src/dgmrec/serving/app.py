@@ -40,7 +40,7 @@ from dgmrec.serving.schemas import (
     SimilarItem,
     SimilarItems,
 )
-from dgmrec.serving.state import ConflictError, NotFoundError, ServingState, UnavailableError
+from dgmrec.serving.state import ConflictError, NotFoundError, ServingState
 
 log = logging.getLogger("dgmrec.serving")
 
@@ -197,8 +197,7 @@ def _error(status: int, detail: str, field: str | None) -> JSONResponse:
 
 
 def _input_error(exc: InputError) -> JSONResponse:
-    status = 404 if isinstance(exc, NotFoundError) else 409 if isinstance(exc, ConflictError) else \
-        501 if isinstance(exc, UnavailableError) else 422
+    status = 404 if isinstance(exc, NotFoundError) else 409 if isinstance(exc, ConflictError) else 422
     return _error(status, str(exc), exc.source)
 
 
@@ -279,9 +278,9 @@ def create_app(state: ServingState, *, max_body_bytes: int = DEFAULT_MAX_BODY, m
     @app.post("/items", response_model=AddItemsResponse,
               responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "An id is taken."},
                          413: {"model": ErrorResponse, "description": "Body too large."}},
-              summary="Add items with the modalities they have; the model generates the rest")
+              summary="Add items with the modalities they have (vectors or raw content); the model generates the rest")
     def add_items(body: AddItemsRequest) -> AddItemsResponse:
-        added = state.add_items([(it.id, it.features) for it in body.items])
+        added = state.add_items([(it.id, it.features) for it in body.items], [it.content for it in body.items])
         return AddItemsResponse(items=[AddedItem(id=a.id, observed=a.observed, generated=a.generated,
                                                  imputed=a.imputed) for a in added])
 

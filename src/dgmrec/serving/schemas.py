@@ -49,13 +49,20 @@ class SimilarItems(BaseModel):
 
 
 class NewItem(_Body):
-    """An item to add: an optional id and the vectors of the modalities it has (leave a modality out, or send
-    null, when the item lacks it)."""
+    """An item to add: an optional id and, for each modality it has, a feature vector or raw content (leave a
+    modality out, or send null, when the item lacks it)."""
 
     id: str | None = Field(None, min_length=1, max_length=256,
                            description="Raw id; default: the item's internal index as a string.")
     features: dict[str, list[FiniteFloat] | None] = Field(
+        default_factory=dict,
         description="Modality -> feature vector (the dataset's feature width); missing modalities are generated.")
+    content: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="Modality -> raw content, encoded as the run's dataset was built: a text for a modality built "
+                    "from texts; a file's bytes in base64 (e.g. a JPEG or PNG image, also as a data: URL) for one "
+                    "built from files. Needs a dataset folder written by `dgmrec dataset build` and the "
+                    "`features` extra.")
 
 
 class AddItemsRequest(_Body):

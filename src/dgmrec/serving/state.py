@@ -52,10 +52,6 @@ class ConflictError(InputError):
     """An id that is already taken (HTTP 409)."""
 
 
-class UnavailableError(InputError):
-    """A capability the installed dgmrec or the run's model does not offer (HTTP 501)."""
-
-
 # ------------------------------------------------------------------------------------------------------- ids
 class IdMap:
     """Raw id <-> internal index, append-only, shared by snapshots.
@@ -201,6 +197,8 @@ class AddedItem:
 
 
 NewItemSpec = tuple[str | None, Mapping[str, Sequence[float] | None]]
+#: raw content of a new item: modality -> a text, or a file's bytes or their base64 text (None: none)
+NewItemContent = Mapping[str, str | bytes | None]
 
 
 class _PendingAdd:
@@ -357,8 +355,9 @@ class ServingState:
         model: Recommender = self.lr.model
         with torch.no_grad():
             model.prepare_eval()
-            if type(model).score_users is Recommender.score_users and model._eval_cache is not None:
-                users, items = (t.detach().clone() for t in model._eval_cache)
+            cached = model.eval_representations()
+            if type(model).score_users is Recommender.score_users and cached is not None:
+                users, items = (t.detach().clone() for t in cached)
                 return _DotScorer(users, items), items.cpu().numpy()
             frozen = copy.deepcopy(model)  # a model with its own scoring: score with a private copy
             frozen.prepare_eval()
@@ -519,12 +518,8 @@ class ServingState:
     def _apply_added(self, ids: Sequence[str], features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Hand new items to the model through :func:`dgmrec.api.add_items`; returns their completed rows
         (stored space)."""
-        add = getattr(api, "add_items", None)
-        if add is None:
-            raise UnavailableError("this dgmrec cannot add items to a trained run (dgmrec.api.add_items is "
-                                   "missing)", source="items")
         with tempfile.TemporaryDirectory(prefix="dgmrec-serve-") as scratch:
-            add(self.lr, dict(features), item_ids=list(ids), out=Path(scratch) / "added")
+            api.add_items(self.lr, dict(features), item_ids=list(ids), out=Path(scratch) / "added")
         return self._added_completed(features)
 
     def _added_completed(self, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -593,16 +588,43 @@ class ServingState:
                 feats[m][k] = v.astype(np.float32)
                 given += 1
             if not given:
-                raise InputError("give at least one modality's features", source=f"{where}.features")
+                raise InputError("give at least one modality's features or content", source=f"{where}.features")
         return ids, feats
 
-    def add_items(self, items: Sequence[NewItemSpec]) -> list[AddedItem]:
+    def with_content(self, items: Sequence[NewItemSpec],
+                     contents: Sequence[NewItemContent | None]) -> list[NewItemSpec]:
+        """``items`` with the vectors of their raw content added (:func:`dgmrec.api.content_features`: encoded as
+        the run's dataset folder was built); errors name ``items[k].content.<modality>``."""
+        if len(contents) != len(items):
+            raise InputError(f"{len(contents)} contents for {len(items)} items", source="items")
+        given = [{m: c for m, c in (content or {}).items() if c is not None} for content in contents]
+        for k, ((_, features), content) in enumerate(zip(items, given, strict=True)):
+            both = next((m for m in content if features.get(m) is not None), None)
+            if both is not None:
+                raise InputError(f"give the features or the content of '{both}', not both",
+                                 source=f"items[{k}].content.{both}")
+        if not any(given):
+            return list(items)
+        encoded = api.content_features(self.lr, given, field="items[{k}].content.{m}")
+        out: list[NewItemSpec] = []
+        for k, (raw_id, features) in enumerate(items):
+            rows = {m: x[k] for m, x in encoded.items() if m in given[k]}
+            out.append((raw_id, {**features, **rows}))
+        return out
+
+    def add_items(self, items: Sequence[NewItemSpec],
+                  contents: Sequence[NewItemContent | None] | None = None) -> list[AddedItem]:
         """Add items (raw id or None for the next index, modality -> vector or None): the model generates what
         they lack, the store records them, and the next request can recommend them.
+
+        ``contents``: per item, raw content (modality -> a text, or a file's bytes or base64 text) encoded into
+        vectors first, as the run's dataset folder was built (:meth:`with_content`); the store keeps the vectors.
 
         Requests that arrive while another addition runs are added together in the next batch (one model update
         for all of them); each request still succeeds or fails on its own.
         """
+        if contents is not None:
+            items = self.with_content(items, contents)  # encoding does not hold the write lock
         request = _PendingAdd(list(items))
         with self._pending_lock:
             self._pending.append(request)
