@@ -482,3 +482,10 @@ def test_real_image_encoder() -> None:
     x = enc.encode(images)
     assert x.shape == (2, 1280) and enc.dim == 1280 and np.isfinite(x).all()
     assert enc.encode(images).tobytes() == x.tobytes()
+
+
+def test_unreadable_image_reason_names_no_memory_address():
+    from dgmrec.features.sources import decode_image
+
+    image, reason = decode_image(b"not an image")
+    assert image is None and reason.startswith("unreadable image (") and " at 0x" not in reason

@@ -16,6 +16,7 @@ how to decode its files, with encoders registered for its kind (:func:`dgmrec.fe
 from __future__ import annotations
 
 import io
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,4 +399,5 @@ def decode_image(data: bytes) -> tuple[Any | None, str]:
             return rgb, ""
     except Exception as exc:  # any decoder failure marks this one item missing
         msg = str(exc).splitlines()[0] if str(exc) else ""
+        msg = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", msg)  # no object reprs with memory addresses
         return None, f"unreadable image ({type(exc).__name__}{': ' + msg if msg else ''})"
