@@ -4,6 +4,7 @@ brought onto one footing for the models."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from dgmrec.data.impute import FeatureOptions, impute_features, prepare_features
 from dgmrec.data.mmrec import write_mmrec
 from dgmrec.data.scaling import FeatureScaler, feature_scales
 from dgmrec.data.synthetic import make_synthetic
+from dgmrec.models import available_models, get_model_class
 from dgmrec.models.base import ModelInput
 from dgmrec.training.sampler import NegativeSampler
 from model_checks import make_model
@@ -76,13 +78,35 @@ def test_scaled_modalities_have_matching_scales(scaling):
         assert max(a, b) / min(a, b) < 2.0, (key, a, b)
 
 
-def dgmrec_parts(ds: RecDataset, scaling: str) -> dict[str, float]:
-    model = make_model("DGMRec", ds, feature_scaling=scaling)
+def loss_parts(ds: RecDataset, scaling: str, model_name: str = "DGMRec", **overrides: Any) -> dict[str, float]:
+    model = make_model(model_name, ds, feature_scaling=scaling, **overrides)
     sampler = NegativeSampler(ds.train, ds.n_items, ds.new_items, seed=0)
     model.train()
     model.before_epoch(0)
     batch = next(iter(sampler.epoch(len(ds.train), True)))
     return model.loss(batch).parts
+
+
+def dgmrec_parts(ds: RecDataset, scaling: str) -> dict[str, float]:
+    return loss_parts(ds, scaling)
+
+
+FEATURE_MODELS = [m for m in available_models() if get_model_class(m).uses_features]
+
+
+@pytest.mark.parametrize("model_name", FEATURE_MODELS)
+def test_every_model_trains_on_a_1e4_scale_gap_under_the_recommended_scaling(model_name):
+    """What DGMRec's recommended preset uses (standardize): a modality 10^4 times larger changes no loss term
+    by orders of magnitude, in any model that reads features (unscaled, CI2MG, DGMRec and VBPR fail this)."""
+    overrides: dict[str, Any] = {"preset": "recommended"} if model_name == "DGMRec" else {}
+    unit = loss_parts(two_scales(1.0), "standardize", model_name, **overrides)
+    big = loss_parts(two_scales(1e4), "standardize", model_name, **overrides)
+    for key, value in unit.items():
+        assert np.isfinite(big[key]) and abs(big[key]) <= 100 * max(abs(value), 1e-3), (key, value, big[key])
+
+
+def test_recommended_preset_standardises():
+    assert make_model("DGMRec", two_scales(1.0), preset="recommended").config["feature_scaling"] == "standardize"
 
 
 @pytest.mark.parametrize("scaling", ["standardize", "l2"])
