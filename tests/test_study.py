@@ -238,6 +238,15 @@ def test_by_missing_level_agrees_with_the_recommend_command(done_study, capsys):
     assert stored["groups"]["all"]["recall@20"] == pytest.approx(results["test"]["recall@20"], abs=1e-6)
 
 
+def test_stored_results_name_the_dataset_relative_to_the_run(done_study, data_dir):
+    study, _, _ = done_study
+    plan = st.plan_study(study, write=False)
+    for key in plan.runs:
+        folder = plan.runs[key].folder(study.store)
+        spec = json.loads((folder / "results.json").read_text())["run"]["dataset_spec"]
+        assert not Path(spec["data"]).is_absolute() and (folder / spec["data"]).resolve() == data_dir.resolve()
+
+
 def test_by_missing_level_on_a_folder_with_id_maps(tmp_path, small3):
     """Datasets built from raw ids (user_ids.csv / item_ids.csv): the analysis works on internal indices."""
     ds = dataclasses.replace(small3, user_ids=np.array([f"user_{u}" for u in range(small3.n_users)]),

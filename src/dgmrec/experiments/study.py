@@ -887,6 +887,19 @@ class RunOutcome:
     failed: dict[str, str] = field(default_factory=dict)
 
 
+def _portable_paths(results_file: Path) -> None:
+    """Dataset paths in a stored ``results.json`` relative to the run folder: a store can be committed and read
+    on another machine (the checkpoint, which ``load_run`` reads, keeps the absolute paths)."""
+    res = json.loads(results_file.read_text())
+    spec = res.get("run", {}).get("dataset_spec")
+    if not isinstance(spec, dict) or spec.get("data") in (None, "", "synthetic"):
+        return
+    for key in ("data", "mask"):
+        if spec.get(key) and Path(spec[key]).is_absolute():
+            spec[key] = Path(os.path.relpath(spec[key], results_file.parent)).as_posix()
+    results_file.write_text(json.dumps(res, indent=2))
+
+
 def execute_run(study: Study, run: RunPlan, device: str | None = None, progress: bool = False,
                 stop: Callable[[], bool] | None = None) -> bool:
     """Train ``run`` unless its results exist, compute missing post-training analyses, write the record.
@@ -910,6 +923,7 @@ def execute_run(study: Study, run: RunPlan, device: str | None = None, progress:
                       mask=resolve_store_path(run.mask, study.store) or None,
                       mask_letters=run.mask_letters or None, setting=run.setting, stop=stop)
             trained = True
+        _portable_paths(results_file)
         record = {"status": "done", "key": run.key, "model": run.model, "dataset": run.dataset,
                   "setting": run.setting, "seed": run.seed, "config": run.config, "post": {},
                   "version": RESULTS_VERSION}
