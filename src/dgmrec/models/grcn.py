@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgmrec.models.base import Batch, ModelInput, NodeTableRecommender
+from dgmrec.ops.fused import in_float32
 
 # ------------------------------------------------------------------- edge-list message passing (autograd)
 
@@ -118,10 +119,12 @@ class EdgeGraph:
             out[start:stop] = (rows * b.index_select(0, self.src[start:stop])).sum(dim=1)
         return out
 
+    @in_float32
     def propagate(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``out[t] = sum_{e: dst_e = t} w_e x[src_e]`` (``n_dst x d``), differentiable in ``w`` and ``x``."""
         return _EdgePropagate.apply(w, x, self)
 
+    @in_float32
     def edge_dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``s_e = a[dst_e] . b[src_e]`` for every edge, differentiable in ``a`` and ``b``."""
         return _EdgeDot.apply(a, b, self)

@@ -179,7 +179,7 @@ class LATTICE(Recommender):
         out = sp.csr_matrix((n, n), dtype=np.float32)
         for j, g in enumerate(fixed):
             out = out + (self.lam * float(w[j])) * g.scipy
-        learned = sp.csr_matrix(((1.0 - self.lam) * vals.detach().cpu().numpy(),
+        learned = sp.csr_matrix(((1.0 - self.lam) * vals.detach().float().cpu().numpy(),
                                  (rows.cpu().numpy(), cols.cpu().numpy())), shape=(n, n), dtype=np.float32)
         return SparseOp(sp.csr_matrix(out + learned, dtype=np.float32), self.device)
 

@@ -12,16 +12,43 @@ call these kernels; model code reads as maths and never sees them.
   GEMM, optionally into a persistent buffer.
 
 The kernels avoid whole ``n x n`` / ``n x d`` intermediates by working in row blocks that stay in cache; the
-block sizes are class attributes (tests lower them to cover several blocks).
+block sizes are class attributes (tests lower them to cover several blocks). They compute in float32 also
+inside a mixed-precision (autocast) region (:func:`in_float32`): their inputs are cast, differentiably, so
+gradients return to the callers in the callers' dtypes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _as_float32(x: Any) -> Any:
+    return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float32 else x
+
+
+def in_float32(fn: _F) -> _F:
+    """Run ``fn`` with autocast off and its floating tensor arguments cast to float32.
+
+    For hand-written autograd functions, which have one dtype path: under ``torch.autocast`` (``--precision
+    bf16``) their callers hand over bfloat16 and float32 tensors together. The casts are ordinary autograd
+    operations, so the gradients reach the callers' tensors in their own dtypes.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*(_as_float32(a) for a in args), **{k: _as_float32(v) for k, v in kwargs.items()})
+
+    return wrapper  # type: ignore[return-value]
 
 # ------------------------------------------------------------------------------------------ cosine InfoNCE
 
@@ -73,6 +100,7 @@ class _CosineNCE(torch.autograd.Function):
         return grad_a * grad, grad_b * grad, None, None, None
 
 
+@in_float32
 def cosine_nce(a: torch.Tensor, b: torch.Tensor, inv_tau: float, ids_a: torch.Tensor | None = None,
                ids_b: torch.Tensor | None = None) -> torch.Tensor:
     """Fused :func:`cosine_nce_reference` (rows of ``a`` and ``b`` already L2-normalised)."""
@@ -133,6 +161,7 @@ class _TripleNCE(torch.autograd.Function):
         return grad_a * grad, a * (-ctx.inv_tau * grad), grad_n * grad, None
 
 
+@in_float32
 def triple_nce(a: torch.Tensor, b: torch.Tensor, negatives: torch.Tensor, inv_tau: float) -> torch.Tensor:
     """Fused :func:`triple_nce_reference` (rows already L2-normalised)."""
     return _TripleNCE.apply(a, b, negatives, inv_tau)
@@ -245,6 +274,7 @@ class _TableLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+@in_float32
 def table_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """:func:`table_linear_reference`; inside :func:`fused_table_gradients` for ``x`` its gradient is fused."""
     hand_off = _hand_off(x)
@@ -325,6 +355,7 @@ class _LinearMSE(torch.autograd.Function):
         return grad_x, grad_w * g, grad_b * g, grad_y, None
 
 
+@in_float32
 def linear_mse(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Fused :func:`linear_mse_reference`; inside :func:`fused_table_gradients` for ``target`` (a whole table
     an encoder also reads through :func:`table_linear`), the table's two gradients are fused."""
