@@ -248,3 +248,44 @@ def test_trained_model_cold_path_beats_chance(model):
     hybrid = percentiles(-scores, ds.train_matrix(), pairs).mean()
     assert cold > 0.75, (cold, hybrid)  # chance 0.5: new items of the user's cluster rank high among new items
     assert hybrid > 0.6, (cold, hybrid)  # and are not ranked below every old item
+
+
+@pytest.mark.parametrize("method", ["knn", "ridge"])
+def test_added_items_reuse_the_fitted_map_and_factor(method, monkeypatch):
+    """A service adds items one request at a time: completing again after an addition fits nothing anew and
+    gives the rows a fresh completion gives; new representations (after training) are fitted again."""
+    import dgmrec.models.coldstart as cs_module
+
+    g = torch.Generator().manual_seed(3)
+    n, d = 120, 6
+    users = torch.randn(30, d, generator=g)
+    items = torch.randn(n, d, generator=g)
+    feats = [torch.randn(n, 5, generator=g), torch.randn(n, 4, generator=g)]
+    observed = torch.ones(n, 2, dtype=torch.bool)
+    new = torch.zeros(n, dtype=torch.bool)
+    new[::6] = True
+    added = [torch.randn(3, 5, generator=g), torch.randn(3, 4, generator=g)]
+    added_obs = torch.tensor([[True, False], [True, True], [False, True]])
+
+    def fresh() -> ColdStart:
+        return ColdStart(ColdStartOptions(method, k=5, calibration="share"), feats, observed, new)
+
+    calls = {"fits": 0, "factors": 0}
+    real_ridge, real_share = cs_module.ridge_fit, cs_module._share_factor
+    monkeypatch.setattr(cs_module, "ridge_fit", lambda *a, **k: calls.__setitem__("fits", calls["fits"] + 1)
+                        or real_ridge(*a, **k))
+    monkeypatch.setattr(cs_module, "_share_factor", lambda *a, **k: calls.__setitem__("factors", calls["factors"] + 1)
+                        or real_share(*a, **k))
+    cs = fresh()
+    cs.complete(users, items, ~new)
+    before = dict(calls)
+    cs.add(added, added_obs)
+    incremental = cs.complete(users, items, ~new)
+    assert calls == before  # nothing fitted again
+    once = fresh()
+    once.add(added, added_obs)
+    torch.testing.assert_close(incremental, once.complete(users, items, ~new))
+    # other representations (the model trained on): map and factor are fitted again
+    before = dict(calls)
+    cs.complete(users, items * 1.5, ~new)
+    assert calls["factors"] == before["factors"] + 1

@@ -160,6 +160,33 @@ class ItemContent:
         return torch.cat([*(r[rows] for r in self.rows), self.observed[rows].float()], dim=1)
 
 
+@dataclass
+class _Memo:
+    """The map and factor :meth:`ColdStart.complete` fitted on one set of representations, and its output rows.
+
+    Adding items leaves the model's representations unchanged, so the next call reuses both and generates the
+    added rows only (the service answers an addition without refitting).
+    """
+
+    users: torch.Tensor
+    items: torch.Tensor
+    fit_rows: torch.Tensor
+    rows: torch.Tensor
+    generated: torch.Tensor
+    targets: torch.Tensor
+    y: torch.Tensor
+    center: torch.Tensor
+    fit: tuple[torch.Tensor, torch.Tensor] | None
+    factor: float | None
+
+    def holds(self, users: torch.Tensor, items: torch.Tensor, fit_rows: torch.Tensor, rows: torch.Tensor) -> bool:
+        """Same representations, and ``rows`` extends the rows generated so far."""
+        n = len(self.rows)
+        return (len(rows) >= n and torch.equal(rows[:n], self.rows) and users.shape == self.users.shape
+                and items.shape == self.items.shape and torch.equal(fit_rows, self.fit_rows)
+                and torch.equal(users, self.users) and torch.equal(items, self.items))
+
+
 class ColdStart:
     """Generates the representations of cold items (see the module docstring).
 
@@ -180,6 +207,7 @@ class ColdStart:
         self.n_own = len(observed)
         self.cold = cold.clone().bool()
         self._content: ItemContent | None = None
+        self._memo: _Memo | None = None
 
     @property
     def needs_item_features(self) -> bool:
@@ -229,18 +257,36 @@ class ColdStart:
             return out
         if len(targets) == 0:
             raise ConfigError("cold start needs old items with training interactions", source="cold_start")
-        y = items[targets].float()
-        generated = self._generate(options.method, rows, targets, y)
+        memo = self._memo if self._memo is not None and self._memo.holds(users, items, fit_rows, rows) else None
+        if memo is None:  # fit the map and the calibration factor on the model's current representations
+            y = items[targets].float()
+            center = y.mean(0)
+            fit = self._fit(options.method, targets, y)
+            raw = self._generate(options.method, rows, targets, y, fit=fit)
+            factor = self._factor(options, rows, targets, y, users.float(), items.float(), raw)
+            memo = _Memo(users.clone(), items.clone(), fit_rows.clone(), rows[:0], raw[:0], targets, y, center, fit,
+                         factor)
+        else:  # items added since the last call: only their rows are generated, with the same map and factor
+            raw = self._generate(options.method, rows[len(memo.rows):], memo.targets, memo.y, fit=memo.fit)
+        new = raw if memo.factor is None else memo.center + memo.factor * (raw - memo.center)
+        memo.rows = rows
+        memo.generated = torch.cat([memo.generated, new]) if len(memo.generated) else new
+        self._memo = memo
+        out[rows] = memo.generated.to(out.dtype)
+        return out
+
+    def _factor(self, options: ColdStartOptions, rows: torch.Tensor, targets: torch.Tensor, y: torch.Tensor,
+                users: torch.Tensor, items: torch.Tensor, generated: torch.Tensor) -> float | None:
+        """The calibration factor times ``cold_start_scale`` (None: the generated rows stay as they are)."""
+        if options.calibration == "none":
+            return None
         demand = self._demand_rows(rows) if options.calibration == "demand" else None
         if demand is not None:
-            alpha = _demand_factor(users.float(), y, self.seen, targets, generated[demand].float(), y.mean(0),
+            alpha = _demand_factor(users, y, self.seen, targets, generated[demand].float(), y.mean(0),
                                    float(self.demand))  # type: ignore[arg-type]
-            if alpha is not None:
-                generated = y.mean(0) + options.scale * alpha * (generated - y.mean(0))
-        elif options.calibration != "none":
-            generated = self._calibrate(options, targets, y, users.float(), items.float(), generated)
-        out[rows] = generated.to(out.dtype)
-        return out
+        else:
+            alpha = self._calibration(options, targets, y, users, items)
+        return None if alpha is None else options.scale * alpha
 
     def _demand_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
         """Positions in ``rows`` of the own cold items, when the ``demand`` calibration can use them."""
@@ -249,12 +295,16 @@ class ColdStart:
         own = (rows < self.n_own).nonzero().ravel()
         return own if len(own) else None
 
+    def _fit(self, method: str, targets: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ridge map from content to representation, fitted on ``targets`` (``knn`` has nothing to fit)."""
+        return ridge_fit(self.content.design(targets), y, self.options.ridge) if method == "ridge" else None
+
     def _generate(self, method: str, rows: torch.Tensor, targets: torch.Tensor, y: torch.Tensor,
-                  exclude_self: bool = False) -> torch.Tensor:
+                  exclude_self: bool = False, fit: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Generated representations of ``rows`` from the old items ``targets`` (representations ``y``)."""
         content = self.content
         if method == "ridge":
-            w, b = ridge_fit(content.design(targets), y, self.options.ridge)
+            w, b = fit if fit is not None else self._fit(method, targets, y)  # type: ignore[misc]
             return content.design(rows) @ w + b
         out = torch.empty(len(rows), y.shape[1], device=y.device)
         k = min(self.options.k, len(targets))
@@ -290,9 +340,9 @@ class ColdStart:
 
         return lookup
 
-    def _calibrate(self, options: ColdStartOptions, targets: torch.Tensor, y: torch.Tensor, users: torch.Tensor,
-                   items: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-        """Scale the generated deviations from the old items' mean (see the module docstring)."""
+    def _calibration(self, options: ColdStartOptions, targets: torch.Tensor, y: torch.Tensor, users: torch.Tensor,
+                     items: torch.Tensor) -> float | None:
+        """The ``share`` or ``spread`` factor of the generated deviations from the old items' mean."""
         n = len(targets)
         pick = torch.as_tensor(np.unique(np.linspace(0, n - 1, min(n, CALIBRATION_SAMPLE)).astype(np.int64)),
                                device=targets.device)
@@ -306,12 +356,8 @@ class ColdStart:
             held = self._generate(options.method, targets[pick], targets, y, exclude_self=True)
         center = y.mean(0)
         if options.calibration == "spread":
-            alpha = _spread_ratio(users, y - center, held - center)  # "demand" without a demand: as "share"
-        else:
-            alpha = _share_factor(users, items, y[pick], held, center)
-        if alpha is None:
-            return generated
-        return center + options.scale * alpha * (generated - center)
+            return _spread_ratio(users, y - center, held - center)
+        return _share_factor(users, items, y[pick], held, center)  # "demand" without a demand: as "share"
 
 
 def _spread_ratio(users: torch.Tensor, true_dev: torch.Tensor, held_dev: torch.Tensor) -> float | None:
