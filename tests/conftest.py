@@ -27,3 +27,17 @@ def small3_new(small3):
     """small3 in the new-item setting (20 % of the items lose their training interactions)."""
     counts = np.bincount(small3.train[:, 1], minlength=small3.n_items)
     return make_new_item_split(small3, draw_new_items(counts))
+
+
+@pytest.fixture()
+def client(run_dir):
+    """An HTTP test client of ``dgmrec serve`` on the requesting module's ``run_dir`` (needs the serve extra)."""
+    from fastapi.testclient import TestClient
+
+    from dgmrec.serving.app import create_app
+    from dgmrec.serving.state import ServingState
+
+    state = ServingState(run_dir)
+    with TestClient(create_app(state)) as c:
+        yield c
+    state.close()

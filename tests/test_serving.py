@@ -66,12 +66,6 @@ def run_dir(trained: Path, tmp_path: Path) -> Path:
     return dst
 
 
-@pytest.fixture()
-def client(run_dir: Path) -> Iterator[TestClient]:
-    state = ServingState(run_dir)
-    with TestClient(create_app(state)) as c:
-        yield c
-    state.close()
 
 
 def _raw(values: pd.Series, name: Callable[[int], str]) -> list[str]:

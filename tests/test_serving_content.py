@@ -8,12 +8,10 @@ registered under names of their own; the run is a short DGMRec training on it.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +39,7 @@ from dgmrec.features import (  # noqa: E402
 from dgmrec.features.given import BuiltModality  # noqa: E402
 from dgmrec.serving.app import create_app  # noqa: E402
 from dgmrec.serving.state import ServingState  # noqa: E402
+from test_features import HashTextEncoder, MeanColorImageEncoder  # noqa: E402
 from test_serving import trained  # noqa: E402, F401  (a run on a folder of precomputed features)
 
 N_ITEMS, N_USERS = 40, 60
@@ -48,35 +47,18 @@ LOADS = {"text": 0, "image": 0}  # how often the encoders were built in this pro
 BUILD_LOADS: dict[str, int] = {}  # ... of which by the dataset build
 
 
-class WordsEncoder:
-    """8-d vectors from a hash of each text; remembers what it encoded."""
+class WordsEncoder(HashTextEncoder):
+    """The features tests' 8-d text hash, under a name of its own."""
 
     name = "serve-test-words"
     cache_id = "serve-test-words/1"
-    dim = 8
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        self.seen.extend(texts)
-        rows = [np.frombuffer(hashlib.sha256(t.encode()).digest()[:8], dtype=np.uint8) for t in texts]
-        return (np.stack(rows).astype(np.float32) / 127.5) - 1.0
 
 
-class ColourEncoder:
-    """6-d vectors: per-channel mean and standard deviation of the RGB pixels (0..1)."""
+class ColourEncoder(MeanColorImageEncoder):
+    """The features tests' 6-d colour statistics (RGB mean and std, 0..1), under a name of its own."""
 
     name = "serve-test-colour"
     cache_id = "serve-test-colour/1"
-    dim = 6
-
-    def encode(self, images: Sequence[object]) -> np.ndarray:
-        out = []
-        for im in images:
-            x = np.asarray(im, dtype=np.float32) / 255.0
-            out.append(np.concatenate([x.mean(axis=(0, 1)), x.std(axis=(0, 1))]))
-        return np.stack(out).astype(np.float32)
 
 
 def _words(device: str) -> WordsEncoder:
@@ -143,14 +125,6 @@ def run_dir(shop: tuple[Path, Path], tmp_path: Path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(shop[1], dst)
     return dst
-
-
-@pytest.fixture()
-def client(run_dir: Path) -> Iterator[TestClient]:
-    state = ServingState(run_dir)
-    with TestClient(create_app(state)) as c:
-        yield c
-    state.close()
 
 
 def _b64(data: bytes) -> str:
