@@ -249,6 +249,15 @@ def test_write_policy_selects_the_generated_rows(small3, policy):
     assert sets["only_missing_m"].sum() < sets["any_missing_with_one_observed"].sum() < sets["all_missing"].sum()
 
 
+def test_write_policy_none_generates_nothing(small2):
+    """The ablation "w/o Generation": no row of any table changes and no graph is refreshed."""
+    model = build(small2, write_policy="none", refresh_interval=1)
+    before, graphs = tables(model), list(model.train_graphs)
+    model.before_epoch(0)
+    assert all(len(rows) == 0 for rows in changed_rows(before, tables(model)))
+    assert all(a is b for a, b in zip(graphs, model.train_graphs, strict=True))
+
+
 @pytest.mark.parametrize(("data", "option", "kind"), [
     ("small2", "auto", "all_missing"), ("small3", "auto", "only_missing_m"),
     ("small3", "all_missing_m", "all_missing"), ("small2", "only_missing_m", "only_missing_m")])

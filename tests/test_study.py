@@ -99,6 +99,15 @@ def test_run_key_follows_the_dataset_content(tmp_path, data_dir, small3):
     assert not ka & kb
 
 
+def test_every_ablation_variant_is_a_valid_dgmrec_configuration(tmp_path, data_dir):
+    """All nine variants of Table 4 resolve (an override naming a dropped key fails the plan)."""
+    path = _study_file(tmp_path, data_dir, models=[], analyses=[{"kind": "ablation", "seeds": [1]}])
+    plan = st.plan_study(st.load_study(path), write=False)
+    assert len({c.key for c in plan.cells}) == len(st.ABLATIONS) + 1  # the base and nine distinct variants
+    resolved = {k for run in plan.runs.values() for k in run.overrides}
+    assert resolved >= {k for v in st.ABLATIONS.values() for k in v}
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     ({"modelz": ["DGMRec"]}, "unknown key 'modelz'"),
     ({"datasets": {"x": {"data": "synthetic", "mask_leters": "t=text"}}}, "datasets.x: unknown key 'mask_leters'"),

@@ -49,7 +49,7 @@ RANGES: dict[str, str] = {
     "imputation_steps": "[1, inf)",
     # sizes and counts of the models
     **dict.fromkeys(("n_ui_layers", "n_layers", "n_mm_layers", "n_hyper_layers", "n_hyper_layer",
-                     "sinkhorn_iterations", "club_steps", "generation_warmup", "damrs_pseudo_k"), "[0, inf)"),
+                     "sinkhorn_iterations", "club_steps", "damrs_pseudo_k"), "[0, inf)"),
     **dict.fromkeys(("knn_k", "hyper_num", "n_prototypes", "sinkhorn_chunk", "cooc_k", "cooc_min_shared",
                      "latent_embedding", "feat_embed_dim", "club_sample", "refresh_interval"), "[1, inf)"),
     "club_hidden": "[2, inf)",  # the estimator's hidden width is club_hidden / 2

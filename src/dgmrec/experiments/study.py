@@ -56,8 +56,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "w/o Disentangle": {"sampler": 0.0, "interModal": 0.0},
     "w/o CLUB": {"sampler": 0.0},
     "w/o InfoNCE": {"interModal": 0.0},
-    # no generation (skipped for every epoch), no graph refresh, no generation or reconstruction loss
-    "w/o Generation": {"generation_warmup": 1_000_000, "avg_lambda": 0.0, "additive": 0.0, "recon": 0.0},
+    # no generation (missing rows keep their imputed values), no graph refresh, no generation or reconstruction loss
+    "w/o Generation": {"write_policy": "none", "avg_lambda": 0.0, "additive": 0.0, "recon": 0.0},
     "w/o Recon": {"recon": 0.0},
     "w/o Gen": {"additive": 0.0},
     "w/o Alignment": {"intraModal": 0.0, "alignBM": 0.0},

@@ -62,7 +62,7 @@ from dgmrec.ops.fused import fused_table_gradients, table_linear
 _CHOICES = {
     "preference_mode": ("code_tanh_idproj", "paper_sigmoid_table"),
     "infer_graph": ("initial", "refreshed"),
-    "write_policy": ("only_missing_m", "any_missing_with_one_observed", "all_missing"),
+    "write_policy": ("only_missing_m", "any_missing_with_one_observed", "all_missing", "none"),
     "refresh_rows": ("auto", "all_missing_m", "only_missing_m"),
     "missing_source_policy": ("table", "observed_mean"),
     "club_modalities": ("first_two", "all"),
@@ -154,6 +154,8 @@ class DGMRec(Recommender):
             write = only_missing
         elif self.opts["write_policy"] == "any_missing_with_one_observed":
             write = (~obs) & (n_observed >= 1)[:, None]
+        elif self.opts["write_policy"] == "none":  # the ablation "w/o Generation": imputed rows stay as they are
+            write = np.zeros_like(obs)
         else:
             write = ~obs
         refresh_mode = self.opts["refresh_rows"]
@@ -168,6 +170,7 @@ class DGMRec(Recommender):
             infer_items = old  # reference behaviour for three modalities
         self.infer_write_rows = [np.flatnonzero(write[:, j] & infer_items) for j in range(M)]
         self.infer_refresh_rows = [np.flatnonzero(~obs[:, j] & infer_items) for j in range(M)]
+        self.writes = self.opts["write_policy"] != "none"
 
         # ------------------------------------------------------------- graphs
         train = data.train
@@ -425,7 +428,7 @@ class DGMRec(Recommender):
         if self.club_mods:
             info["club_nll"] = self._train_club()
         self.counter += 1
-        if self.missing_setting:
+        if self.missing_setting and self.writes:
             generated = self._generate(self.train_graphs, noise=True)
             self._write(generated, self.write_rows)
             if self.refresh_blend > 0 and self.counter % self.refresh_interval == 0:
@@ -434,7 +437,7 @@ class DGMRec(Recommender):
         return info or None
 
     def before_evaluation(self, epoch: int) -> None:
-        if not (self.new_item_setting and self.missing_setting):
+        if not (self.new_item_setting and self.missing_setting and self.writes):
             return
         generated = self._generate(self.infer_graphs, noise=True)
         self._write(generated, self.infer_write_rows)
