@@ -157,3 +157,65 @@ def test_dgmrec_training_step_fuses_its_table_gradients(small2):
         torch.testing.assert_close(g, grads["objective"][name], rtol=1e-5, atol=1e-7)
     buffers = model._table_grad_buffers
     assert all(x.grad.data_ptr() == b.data_ptr() for x, b in zip(model.features, buffers, strict=True))
+
+
+def _kernel_cases():
+    """(name, fused call, reference call, inputs) over several blocks, float32."""
+    torch.manual_seed(4)
+    a, b = (F.normalize(torch.randn(40, 16), dim=1).requires_grad_() for _ in range(2))
+    neg = F.normalize(torch.randn(30, 16), dim=1).requires_grad_()
+    x, y = torch.randn(40, 12, requires_grad=True), torch.randn(40, 24, requires_grad=True)
+    w, bias = (0.3 * torch.randn(24, 12)).requires_grad_(), torch.randn(24, requires_grad=True)
+    return [
+        ("cosine_nce", lambda: fused.cosine_nce(a, b, 5.0), lambda: fused.cosine_nce_reference(a, b, 5.0), (a, b),
+         torch.bfloat16),
+        ("triple_nce", lambda: fused.triple_nce(a, b, neg, 5.0),
+         lambda: fused.triple_nce_reference(a, b, neg, 5.0), (a, b, neg), torch.bfloat16),
+        ("linear_mse", lambda: fused.linear_mse(x, w, bias, y),
+         lambda: fused.linear_mse_reference(x, w, bias, y), (x, w, bias, y), torch.bfloat16),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_kernels_under_bf16_autocast_multiply_in_bfloat16_and_stay_close(monkeypatch, case):
+    """Under autocast the GEMM operands are bfloat16 (as autocast's own products); values and gradients stay
+    within bfloat16 rounding of the float32 reference and come back in float32."""
+    for cls in (fused._CosineNCE, fused._TripleNCE, fused._LinearMSE):
+        monkeypatch.setattr(cls, "block", 16)
+    name, kernel, reference, inputs, dtype = _kernel_cases()[case]
+    seen: list[torch.dtype | None] = []
+    low = fused._low
+    monkeypatch.setattr(fused, "_low", lambda t, dtype: (seen.append(dtype), low(t, dtype))[1])
+    want = reference()
+    want_grads = _grads(want, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kernel()
+    got_grads = _grads(got, inputs)
+    assert set(seen) == {dtype}, name
+    assert got.dtype == torch.float32 and all(g.dtype == torch.float32 for g in got_grads)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+    for g1, g2 in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g1, g2, rtol=5e-2, atol=5e-3)
+    seen.clear()
+    kernel()  # outside autocast: float32 GEMMs
+    assert set(seen) <= {None}
+
+
+def test_table_gradient_fusion_under_bf16_autocast():
+    """The fused encoder/reconstruction gradients of a table with bfloat16 GEMMs (a float32 table)."""
+    torch.manual_seed(5)
+    table = torch.randn(33, 20, requires_grad=True)
+    w, b = (0.3 * torch.randn(8, 20)).requires_grad_(), torch.randn(8)
+    dec_w, dec_b, z = 0.3 * torch.randn(20, 6), torch.randn(20), torch.randn(33, 6)
+
+    def objective(linear, mse) -> torch.Tensor:
+        return torch.sigmoid(linear(table, w, b)).square().sum() + 0.3 * mse(z, dec_w, dec_b, table)
+
+    plain = _grads(objective(fused.table_linear_reference, fused.linear_mse_reference), (table, w))
+    with fused_context(table) as hand_offs, torch.autocast("cpu", dtype=torch.bfloat16):
+        value = objective(fused.table_linear, fused.linear_mse)
+    assert hand_offs[0]._low is not None and hand_offs[0]._low.dtype == torch.bfloat16  # one cast of the table
+    got = _grads(value, (table, w))
+    for g1, g2 in zip(got, plain, strict=True):
+        assert g1.dtype == torch.float32
+        torch.testing.assert_close(g1, g2, rtol=5e-2, atol=5e-2)

@@ -57,3 +57,22 @@ def test_perturb_pushes_away_from_zero_by_at_most_scale():
     delta = (y - x) * torch.sign(x)
     assert (delta[0, [0, 1, 3]] > 0).all()
     assert float((y - x).norm()) <= 0.1 + 1e-6
+
+
+def test_dropout_zeroes_with_probability_p_and_keeps_the_expectation():
+    from dgmrec.losses import Dropout, dropout
+
+    torch.manual_seed(0)
+    x = torch.full((400, 250), 2.0, requires_grad=True)
+    y = dropout(x, 0.3)
+    kept = y != 0
+    assert abs(float(kept.float().mean()) - 0.7) < 0.01  # 100,000 draws: sd 0.0015
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 2.0 / 0.7))
+    y.sum().backward()  # the gradient flows through the kept entries only, scaled alike
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
+    assert not dropout(x, 1.0).any()
+    layer = Dropout(0.5)
+    assert not torch.equal(layer(x), x)
+    layer.eval()
+    assert layer(x) is x

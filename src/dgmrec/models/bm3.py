@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgmrec.graphs import SparseOp, lightgcn_propagate, normalized_adjacency
-from dgmrec.losses import emb_norm, negative_cosine
+from dgmrec.losses import dropout, emb_norm, negative_cosine
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
 MASK_MODES = ("auto", "zero_proj", "exclude_rows", "none")
@@ -120,8 +120,8 @@ class BM3(Recommender):
         # one predictor pass over users, items and every modality's rows
         online = self.predictor(torch.cat([u, i, *feats], dim=0)).split(B)
         with torch.no_grad():
-            u_target = F.dropout(u, self.dropout, training=True)
-            i_target = F.dropout(i, self.dropout, training=True)
+            u_target = dropout(u, self.dropout)
+            i_target = dropout(i, self.dropout)
         loss_ui = negative_cosine(online[0], i_target)
         loss_iu = negative_cosine(online[1], u_target)
         reg = self.reg_weight * emb_norm(h_u, h_i)
@@ -129,7 +129,7 @@ class BM3(Recommender):
         for j in range(self.M):
             rows = observed[:, j] if self.mask_mode == "exclude_rows" else None
             with torch.no_grad():
-                f_target = F.dropout(feats[j], self.dropout, training=True)
+                f_target = dropout(feats[j], self.dropout)
             modal = modal + negative_cosine(online[2 + j], i_target, rows) + negative_cosine(online[2 + j], f_target,
                                                                                              rows)
         cl = self.cl_weight * modal

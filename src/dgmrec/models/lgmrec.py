@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgmrec.graphs import SparseOp, lightgcn_propagate, mean_aggregator, normalized_adjacency
-from dgmrec.losses import bpr_loss, emb_norm, gumbel_softmax, triple_info_nce
+from dgmrec.losses import bpr_loss, dropout, emb_norm, gumbel_softmax, triple_info_nce
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
 _CHOICES = {
@@ -138,7 +138,7 @@ class LGMRec(Recommender):
     def _assign(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         noise = self.training or self.eval_gumbel == "sample"
         pi = gumbel_softmax(logits, self.tau, generator=None if self.training else generator, noise=noise)
-        return F.dropout(pi, p=1.0 - self.keep_rate, training=self.training)
+        return dropout(pi, 1.0 - self.keep_rate, self.training)
 
     def forward_all(self) -> dict[str, Any]:
         """Final user/item embeddings and the per-modality global (hypergraph) embeddings."""

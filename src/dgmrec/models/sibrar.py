@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgmrec.losses import bpr_loss
+from dgmrec.losses import Dropout, bpr_loss
 from dgmrec.models.base import Batch, LossOutput, ModelInput, Recommender
 
 
@@ -88,7 +88,7 @@ class SIBRAR(Recommender):
         self.features = nn.ParameterList(nn.Parameter(data.features[m].detach().clone().float())
                                          for m in self.modalities)
         self.projections = nn.ModuleList(nn.Linear(int(data.features[m].shape[1]), d) for m in self.modalities)
-        self.branch = nn.Sequential(nn.Dropout(float(config["dropout"])), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+        self.branch = nn.Sequential(Dropout(float(config["dropout"])), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
         # candidate availability: column 0 is the ID (always there), then the modalities
         available = torch.cat([torch.ones(self.n_items, 1, dtype=torch.bool), data.observed.detach().cpu().bool()],
                               dim=1)

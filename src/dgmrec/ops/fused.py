@@ -22,12 +22,22 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+#: the GEMM operand dtype of the kernel being run: the autocast dtype of its caller (``--precision bf16``), or
+#: None (float32 GEMMs). Set by :func:`in_float32` for the duration of one kernel call.
+_GEMM_DTYPE: ContextVar[torch.dtype | None] = ContextVar("gemm_dtype", default=None)
+
+
+def _low(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``x`` as a GEMM operand: cast to the low-precision dtype when there is one."""
+    return x if dtype is None else x.to(dtype)
 
 
 def _as_float32(x: Any) -> Any:
@@ -40,16 +50,38 @@ def in_float32(fn: _F) -> _F:
 
     For hand-written autograd functions, which have one dtype path: under ``torch.autocast`` (``--precision
     bf16``) their callers hand over bfloat16 and float32 tensors together. The casts are ordinary autograd
-    operations, so the gradients reach the callers' tensors in their own dtypes.
+    operations, so the gradients reach the callers' tensors in their own dtypes. Under autocast the kernel's
+    GEMMs take their operands in the autocast dtype, as autocast's own matrix products do; sums, exponentials,
+    differences and the returned gradients stay float32.
     """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), "cpu")
-        with torch.autocast(device_type=device, enabled=False):
-            return fn(*(_as_float32(a) for a in args), **{k: _as_float32(v) for k, v in kwargs.items()})
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        token = _GEMM_DTYPE.set(low if low in (torch.bfloat16, torch.float16) else None)
+        try:
+            with torch.autocast(device_type=device, enabled=False):
+                return fn(*(_as_float32(a) for a in args), **{k: _as_float32(v) for k, v in kwargs.items()})
+        finally:
+            _GEMM_DTYPE.reset(token)
 
     return wrapper  # type: ignore[return-value]
+
+def _exp_logits(a: torch.Tensor, b: torch.Tensor, inv_tau: float, shift: torch.Tensor) -> torch.Tensor:
+    """``exp((a b^T - 1) * inv_tau)`` in float32 (the product in the operands' dtype)."""
+    if a.dtype == shift.dtype:
+        return torch.addmm(shift, a, b.T, alpha=inv_tau).exp_()
+    return torch.mm(a, b.T).float().mul_(inv_tau).add_(shift).exp_()
+
+
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a @ b`` (``out`` float32; the product in the operands' dtype)."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(a @ b)
+
 
 # ------------------------------------------------------------------------------------------ cosine InfoNCE
 
@@ -68,13 +100,15 @@ class _CosineNCE(torch.autograd.Function):
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, inv_tau: float,  # type: ignore[override]
                 ids_a: torch.Tensor | None = None, ids_b: torch.Tensor | None = None) -> torch.Tensor:
         n = a.shape[0]
+        low = _GEMM_DTYPE.get()
+        a_g, b_g = _low(a, low), _low(b, low)
         shift = torch.full((1,), -inv_tau, dtype=a.dtype, device=a.device)
         grad_a = torch.empty_like(a)
         grad_b = torch.zeros_like(b)
         log_denom = torch.empty(n, dtype=a.dtype, device=a.device)
         for s in range(0, n, _CosineNCE.block):
-            a_blk = a[s:s + _CosineNCE.block]
-            expo = torch.addmm(shift, a_blk, b.T, alpha=inv_tau).exp_()
+            a_blk = a_g[s:s + _CosineNCE.block]
+            expo = _exp_logits(a_blk, b_g, inv_tau, shift)
             if ids_a is not None and ids_b is not None:
                 # another row with the same id on either side is a false negative: leave it out
                 same = (ids_a[s:s + _CosineNCE.block, None] == ids_a[None, :]) | (
@@ -84,9 +118,9 @@ class _CosineNCE(torch.autograd.Function):
                 expo.masked_fill_(same, 0.0)
             denom = expo.sum(dim=1, keepdim=True)
             log_denom[s:s + _CosineNCE.block] = denom.squeeze(1).log()
-            expo.div_(denom)  # softmax rows P
-            grad_a[s:s + _CosineNCE.block] = expo @ b
-            grad_b.addmm_(expo.T, a_blk)
+            expo = _low(expo.div_(denom), low)  # softmax rows P
+            grad_a[s:s + _CosineNCE.block] = expo @ b_g
+            _accumulate(grad_b, expo.T, a_blk)
         positive = (a * b).sum(dim=1) * inv_tau
         loss = (inv_tau + log_denom - positive).mean()
         # d/da of mean(lse - positive) = (P - I) b * inv_tau / n, d/db = (P - I)^T a * inv_tau / n
@@ -136,18 +170,20 @@ class _TripleNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, negatives: torch.Tensor,  # type: ignore[override]
                 inv_tau: float) -> torch.Tensor:
+        low = _GEMM_DTYPE.get()
+        a_g, n_g = _low(a, low), _low(negatives, low)
         shift = torch.full((1,), -inv_tau, dtype=a.dtype, device=a.device)
         grad_a = torch.empty_like(a)
         grad_n = torch.zeros_like(negatives)
         log_denom = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
         for s in range(0, a.shape[0], _TripleNCE.block):
-            a_blk = a[s:s + _TripleNCE.block]
-            expo = torch.addmm(shift, a_blk, negatives.T, alpha=inv_tau).exp_()  # exp((a.n - 1) / tau) <= 1
+            a_blk = a_g[s:s + _TripleNCE.block]
+            expo = _exp_logits(a_blk, n_g, inv_tau, shift)  # exp((a.n - 1) / tau) <= 1
             denom = expo.sum(dim=1, keepdim=True)
             log_denom[s:s + _TripleNCE.block] = denom.squeeze(1).log()
-            expo.div_(denom)
-            grad_a[s:s + _TripleNCE.block] = expo @ negatives
-            grad_n.addmm_(expo.T, a_blk)
+            expo = _low(expo.div_(denom), low)
+            grad_a[s:s + _TripleNCE.block] = expo @ n_g
+            _accumulate(grad_n, expo.T, a_blk)
         loss = (inv_tau + log_denom - (a * b).sum(dim=1) * inv_tau).sum()
         # d/da = (P n - b) / tau, d/db = -a / tau, d/dn = P^T a / tau (sum over rows, no 1/n)
         grad_a.sub_(b).mul_(inv_tau)
@@ -198,6 +234,13 @@ class TableGradient:
         self.pending: torch.Tensor | None = None  # the unscaled reconstruction gradient ...
         self.scale = 1.0  # ... and its factor
         self.encoder_done = False
+        self._low: torch.Tensor | None = None
+
+    def low_copy(self, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The table in ``dtype``, cast once for every encoder of this step that reads it."""
+        if self._low is None or self._low.dtype != dtype:
+            self._low = table.detach().to(dtype)
+        return self._low
 
     def target_buffer(self, like: torch.Tensor) -> torch.Tensor:
         """Where the reconstruction writes its gradient: the persistent buffer when it may, else new memory."""
@@ -252,16 +295,23 @@ class _TableLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,  # type: ignore[override]
                 hand_off: TableGradient) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
         ctx.hand_off = hand_off
-        return torch.addmm(bias, x, weight.T)
+        low = _GEMM_DTYPE.get()
+        if low is None:
+            ctx.save_for_backward(x, weight)
+            return torch.addmm(bias, x, weight.T)
+        # the products that reduce over the table's width (this one) and over its rows (the weight gradient)
+        # take low-precision operands; one cast of the table per step serves every encoder reading it
+        x_g = hand_off.low_copy(x, low)
+        ctx.save_for_backward(x_g, weight)
+        return torch.mm(x_g, weight.to(low).T).float().add_(bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors  # x possibly in low precision
         hand_off: TableGradient = ctx.hand_off
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # a table-sized output: float32 (a low-precision product gains nothing)
             if hand_off.pending is not None:
                 grad_x = hand_off.pending.addmm_(grad, weight, beta=hand_off.scale)
                 hand_off.pending = None
@@ -270,7 +320,7 @@ class _TableLinear(torch.autograd.Function):
             else:
                 grad_x = grad @ weight
         hand_off.encoder_done = True
-        grad_w = grad.T @ x if ctx.needs_input_grad[1] else None
+        grad_w = (grad.to(x.dtype).T @ x).float() if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
 
@@ -310,9 +360,11 @@ class _LinearMSE(torch.autograd.Function):
         block = _LinearMSE.block
         # the bias rides along as an extra input column of ones: one GEMM gives (x W^T + b - y) per block and
         # one GEMM the gradient of weight and bias together
-        x_aug = torch.cat([x, x.new_ones(n, 1)], dim=1)
+        low = _GEMM_DTYPE.get()
+        x_aug = _low(torch.cat([x, x.new_ones(n, 1)], dim=1), low)
         w_aug = torch.cat([weight, bias[:, None]], dim=1)
         grad_wb = torch.zeros_like(w_aug)
+        w_aug_g, w_g = _low(w_aug, low), _low(weight, low)
         grad_x = torch.empty_like(x) if need_x else None
         grad_y = None
         if need_y:  # written block by block below
@@ -323,12 +375,19 @@ class _LinearMSE(torch.autograd.Function):
             e = min(n, s + block)
             xb = x_aug[s:e]
             diff = grad_y[s:e] if grad_y is not None else scratch[: e - s]  # type: ignore[index]
-            torch.addmm(y[s:e], xb, w_aug.T, beta=-1, out=diff)  # written once, in place
+            if low is None:
+                torch.addmm(y[s:e], xb, w_aug.T, beta=-1, out=diff)  # written once, in place
+            else:
+                torch.sub(xb @ w_aug_g.T, y[s:e], out=diff)
             flat = diff.view(-1)
             total += torch.dot(flat, flat).double()
-            grad_wb.addmm_(diff.T, xb)
+            diff_g = _low(diff, low)
+            _accumulate(grad_wb, diff_g.T, xb)
             if grad_x is not None:
-                torch.mm(diff, weight, out=grad_x[s:e])
+                if low is None:
+                    torch.mm(diff, weight, out=grad_x[s:e])
+                else:
+                    grad_x[s:e] = diff_g @ w_g
         grad_w, grad_b = grad_wb[:, :-1].contiguous(), grad_wb[:, -1].contiguous()
         scale = 2.0 / (n * d_out)
         ctx.save_for_backward(grad_w, grad_b, *(g for g in (grad_x, grad_y) if g is not None))
