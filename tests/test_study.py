@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -180,6 +181,10 @@ def test_report_reads_the_store_alone_and_is_byte_for_byte_repeatable(done_study
     for p in report.paths:
         if p.suffix == ".md":
             assert "Selection on validation" in p.read_text()
+    # the cost table prints epochs as whole numbers (2 per run here) and seconds with three decimals
+    cost = next(p for p in report.paths if p.name == "cost.md").read_text().splitlines()
+    row = next(line for line in cost if line.startswith("| MFBPR")).strip("|").split("|")
+    assert re.fullmatch(r"2( ± 0)?", row[3].strip()) and re.match(r"\d+\.\d{3}( |$)", row[1].strip())
 
 
 def _csv(path: Path) -> list[dict[str, str]]:

@@ -196,14 +196,15 @@ class Stat:
     mean: float
     std: float
     n: int
+    digits: int | None = None  # decimals when printed (None: the table's default)
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> Stat | None:
+    def of(cls, values: Sequence[float], digits: int | None = None) -> Stat | None:
         vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
         if not vals:
             return None
         std = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
-        return cls(mean=float(np.mean(vals)), std=std, n=len(vals))
+        return cls(mean=float(np.mean(vals)), std=std, n=len(vals), digits=digits)
 
 
 def improvement(best: float, other: float) -> float:

@@ -69,6 +69,7 @@ def _fmt(v: Any, digits: int = DIGITS, latex: bool = False) -> str:
     if isinstance(v, str):
         return v
     if isinstance(v, an.Stat):
+        digits = digits if v.digits is None else v.digits
         if v.n > 1 and not math.isnan(v.std):
             pm = " $\\pm$ " if latex else " ± "
             return f"{v.mean:.{digits}f}{pm}{v.std:.{digits}f}"
@@ -691,10 +692,10 @@ def build_cost(ctx: Context, a: Analysis, stem: str) -> list[Path]:
             res = [ctx.results(c.key) for c in ctx.plan.select("main", dataset=d, setting=s, model=m, variant=v)]
             res = [r for r in res if r]
             devices |= {str(r.get("device", "?")) for r in res}
-            row += [an.Stat.of([r["seconds_per_epoch"] for r in res]),
-                    an.Stat.of([r["seconds_per_evaluation"] for r in res]),
-                    an.Stat.of([r["epochs_run"] for r in res]),
-                    an.Stat.of([r["seconds_per_epoch"] * r["epochs_run"] for r in res])]
+            row += [an.Stat.of([r["seconds_per_epoch"] for r in res], digits=3),
+                    an.Stat.of([r["seconds_per_evaluation"] for r in res], digits=3),
+                    an.Stat.of([r["epochs_run"] for r in res], digits=0),
+                    an.Stat.of([r["seconds_per_epoch"] * r["epochs_run"] for r in res], digits=0)]
         body.append(row)
     caption = (f"Seconds per training epoch, per evaluation (one full-ranking pass over the validation users), epochs "
                f"run until early stopping and total training time (s/epoch x epochs, evaluation excluded); "
