@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 MODELS = ["MFBPR", "LightGCN", "VBPR", "MMGCN", "GRCN", "SLMRec", "BM3", "LATTICE", "MGCN", "LGMRec", "DAMRS",
@@ -126,13 +127,13 @@ def main() -> None:
            "OFFICIAL_THREADS": threads, "PYTHON": args.official_python, "CAP_S": "1800"}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     precisions = args.precision.split(",")
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="dgmrec-side-by-side-") as tmp:
         work = Path(tmp)
         for case in args.cases.split(","):
             models = args.models.split(",") if case == "tiktok" else args.baby_models.split(",")
             for model in models:
-                row: dict[str, object] = {"model": model, "case": case}
+                row: dict[str, Any] = {"model": model, "case": case}
                 for prec in precisions:
                     row[f"ours_{prec}"] = ours(model, case, prec, args, work, env)
                 row["official"] = official(model, case, args, work / "official_runs", env)
@@ -145,21 +146,14 @@ def main() -> None:
              + " | eval ours / official s | RSS ours / official MB |",
              "|---|---|" + "---|" * (2 * len(precisions) + 3)]
     for r in rows:
-        off = r["official"]
-        assert isinstance(off, dict)
-        mine = [r[f"ours_{p}"] for p in precisions]
-        ratios = []
-        for m in mine:
-            assert isinstance(m, dict)
-            ok = "s_per_epoch" in m and "s_per_epoch" in off
-            ratios.append(f"{m['s_per_epoch'] / off['s_per_epoch']:.2f}" if ok else "—")
-        first = mine[0]
-        assert isinstance(first, dict)
+        off, mine = r["official"], [r[f"ours_{p}"] for p in precisions]
+        ratios = [f"{m['s_per_epoch'] / off['s_per_epoch']:.2f}" if "s_per_epoch" in m and "s_per_epoch" in off
+                  else "—" for m in mine]
         lines.append(
             f"| {r['model']} | {r['case']} | " + " | ".join(fmt(m.get("s_per_epoch", m.get("error"))) for m in mine)
             + f" | {fmt(off.get('s_per_epoch', off.get('error')))} | " + " | ".join(ratios)
-            + f" | {fmt(first.get('s_per_eval'))} / {fmt(off.get('s_per_eval'))}"
-            + f" | {fmt(first.get('peak_rss_mb'))} / {fmt(off.get('peak_rss_mb'))} |")
+            + f" | {fmt(mine[0].get('s_per_eval'))} / {fmt(off.get('s_per_eval'))}"
+            + f" | {fmt(mine[0].get('peak_rss_mb'))} / {fmt(off.get('peak_rss_mb'))} |")
     text = "\n".join(lines)
     print(text)
     res = HERE / "results"

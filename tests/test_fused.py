@@ -160,7 +160,7 @@ def test_dgmrec_training_step_fuses_its_table_gradients(small2):
 
 
 def _kernel_cases():
-    """(name, fused call, reference call, inputs) over several blocks, float32."""
+    """(name, fused call, reference call, inputs, GEMM dtype under bf16 autocast) over several blocks, float32."""
     torch.manual_seed(4)
     a, b = (F.normalize(torch.randn(40, 16), dim=1).requires_grad_() for _ in range(2))
     neg = F.normalize(torch.randn(30, 16), dim=1).requires_grad_()

@@ -150,6 +150,7 @@ class DGMRec(Recommender):
         old = ~self.new_items_np
         n_observed = obs.sum(axis=1)
         only_missing = (~obs) & (n_observed == M - 1)[:, None]
+        self.writes = self.opts["write_policy"] != "none"  # generation (and graph refresh) happens at all
         if self.opts["write_policy"] == "only_missing_m":
             write = only_missing
         elif self.opts["write_policy"] == "any_missing_with_one_observed":
@@ -170,7 +171,6 @@ class DGMRec(Recommender):
             infer_items = old  # reference behaviour for three modalities
         self.infer_write_rows = [np.flatnonzero(write[:, j] & infer_items) for j in range(M)]
         self.infer_refresh_rows = [np.flatnonzero(~obs[:, j] & infer_items) for j in range(M)]
-        self.writes = self.opts["write_policy"] != "none"
 
         # ------------------------------------------------------------- graphs
         train = data.train

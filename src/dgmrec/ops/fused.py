@@ -68,6 +68,7 @@ def in_float32(fn: _F) -> _F:
 
     return wrapper  # type: ignore[return-value]
 
+
 def _exp_logits(a: torch.Tensor, b: torch.Tensor, inv_tau: float, shift: torch.Tensor) -> torch.Tensor:
     """``exp((a b^T - 1) * inv_tau)`` in float32 (the product in the operands' dtype)."""
     if a.dtype == shift.dtype:
