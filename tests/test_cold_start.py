@@ -14,8 +14,9 @@ import torch
 from dgmrec import api
 from dgmrec.errors import ConfigError
 from dgmrec.evaluation.protocol import Evaluator
+from dgmrec.losses import ridge_fit, ridge_path
 from dgmrec.models.base import cold_demand
-from dgmrec.models.coldstart import ColdStart, ColdStartOptions, _demand_factor, _share_factor
+from dgmrec.models.coldstart import RIDGE_GRID, ColdStart, ColdStartOptions, _demand_factor, _share_factor
 from planted import all_scores, build, fit, make_planted, percentiles
 
 # ------------------------------------------------------------------------------------ evaluation by hand
@@ -289,3 +290,43 @@ def test_added_items_reuse_the_fitted_map_and_factor(method, monkeypatch):
     before = dict(calls)
     cs.complete(users, items * 1.5, ~new)
     assert calls["factors"] == before["factors"] + 1
+
+
+def test_ridge_path_equals_ridge_fit_for_every_strength():
+    g = torch.Generator().manual_seed(3)
+    z, y = torch.randn(40, 6, generator=g), torch.randn(40, 3, generator=g)
+    strengths = [0.0, 0.5, 30.0]
+    for (w, b), ridge in zip(ridge_path(z, y, strengths), strengths, strict=True):
+        w_ref, b_ref = ridge_fit(z, y, ridge)
+        torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, b_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("signal", "allowed"), [(1.0, RIDGE_GRID[:1]), (0.0, RIDGE_GRID[-4:])])
+def test_auto_ridge_follows_how_much_the_content_predicts(signal, allowed):
+    # old items' representations are a linear map of their content (signal 1, no noise: the weakest penalty
+    # predicts held-out items best) or unrelated to it (signal 0: a strong penalty, towards the mean)
+    g = torch.Generator().manual_seed(4)
+    n, d = 200, 4
+    feats = [torch.randn(n, 8, generator=g)]
+    observed = torch.ones(n, 1, dtype=torch.bool)
+    new = torch.zeros(n, dtype=torch.bool)
+    new[::10] = True
+    content = ColdStart(ColdStartOptions("ridge"), feats, observed, new).content.design(torch.arange(n))
+    items = signal * content @ torch.randn(content.shape[1], d, generator=g) \
+        + (1 - signal) * torch.randn(n, d, generator=g)
+    users = torch.randn(30, d, generator=g)
+    cs = ColdStart(ColdStartOptions("ridge", ridge=None, calibration="none"), feats, observed, new)
+    out = cs.complete(users, items, ~new)
+    assert cs.ridge in allowed
+    fixed = ColdStart(ColdStartOptions("ridge", ridge=cs.ridge, calibration="none"), feats, observed, new)
+    torch.testing.assert_close(out, fixed.complete(users, items, ~new))
+
+
+def test_auto_ridge_is_a_configuration_value(small3_new):
+    model = build("VBPR", small3_new, cold_start="ridge", cold_start_ridge="auto")
+    assert model.cold_start is not None and model.cold_start.options.ridge is None
+    with pytest.raises(ConfigError, match="cold_start_ridge"):
+        build("VBPR", small3_new, cold_start="ridge", cold_start_ridge="often")
+    with pytest.raises(ConfigError, match="cold_start_ridge"):
+        build("VBPR", small3_new, cold_start="ridge", cold_start_ridge=-1.0)

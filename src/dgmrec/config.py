@@ -7,8 +7,9 @@ in any layer: the chosen preset's values form a layer right after the shipped on
 defaults and best configurations while a user file and ``--set`` beat them. Every key must be declared by
 ``overall.yaml`` or the model's YAML; an unknown key is an error (never a silent ``None``), a value must have the
 type of its default (a list: each element the type of the default's elements), a number must lie in the range
-:data:`RANGES` declares for its key, and ``valid_metric`` must be one of the reported metrics. Values given on the
-command line are parsed as YAML literals, never evaluated.
+:data:`RANGES` declares for its key (:data:`KEYWORDS`: numeric keys that also take a word), and ``valid_metric``
+must be one of the reported metrics. Values given on the command line are parsed as YAML literals, never
+evaluated.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ RANGES: dict[str, str] = {
 LENGTHS: dict[str, tuple[int, int | None]] = {"learning_rate_scheduler": (2, 2), "topk": (1, None),
                                                "metrics": (1, None)}
 # string (or list-of-string) keys with a fixed set of values; models declare their own in ``Recommender.choices``
+# Numeric keys that also take a keyword (any layer may give the word instead of a number).
+KEYWORDS: dict[str, tuple[str, ...]] = {"cold_start_ridge": ("auto",)}
+
 CHOICES: dict[str, tuple[str, ...]] = {"metrics": METRICS, "missing_imputation": ("zero", "mean", "nn", "graph"),
                                        "feature_scaling": ("none", "standardize", "l2"),
                                        "precision": ("fp32", "bf16", "fp16"), "knn_backend": KNN_BACKENDS}
@@ -306,8 +310,11 @@ def _resolve(model: str, dataset: str, file: str | Path | None, overrides: Mappi
                 known = ", ".join(sorted(allowed))
                 raise ConfigError(f"unknown configuration key '{key}' for model {model} (known keys: {known})",
                                   source=source)
-            config[key] = _check_type(key, value, allowed[key], source)
-            _check_range(key, config[key], model, source)
+            if value in KEYWORDS.get(key, ()):  # a number's keyword (cold_start_ridge: auto)
+                config[key] = value
+            else:
+                config[key] = _check_type(key, value, allowed[key], source)
+                _check_range(key, config[key], model, source)
             origin[key] = (kind, source)
         used.append(source)
     # valid_metric depends on topk and metrics: blame the layer that set the last of the three

@@ -6,6 +6,8 @@ calls the kernel in :mod:`dgmrec.ops.fused`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,6 +55,22 @@ def ridge_fit(z: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Ten
     gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + 1e-12)
     w = torch.linalg.solve(gram, zc.T @ (yd - y_mean))
     return w.to(z.dtype), (y_mean - z_mean @ w).to(z.dtype)
+
+
+def ridge_path(z: torch.Tensor, y: torch.Tensor, ridges: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`ridge_fit` for several strengths at the cost of one eigendecomposition of the input Gram matrix."""
+    zd, yd = z.double(), y.double()
+    z_mean, y_mean = zd.mean(0), yd.mean(0)
+    zc = zd - z_mean
+    gram = zc.T @ zc
+    scale = float(gram.diagonal().mean())
+    lam, vec = torch.linalg.eigh(gram)
+    proj = vec.T @ (zc.T @ (yd - y_mean))
+    out = []
+    for ridge in ridges:
+        w = vec @ (proj / (lam.clamp_min(0.0) + ridge * scale + 1e-12)[:, None])
+        out.append((w.to(z.dtype), (y_mean - z_mean @ w).to(z.dtype)))
+    return out
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float,

@@ -21,7 +21,11 @@ Methods (configuration key ``cold_start``):
     old items with the same observed pattern (all old items when there are none).
 ``ridge``
     ridge regression (strength ``cold_start_ridge``, relative to the mean input variance) from the content
-    rows and the observed-pattern indicators to the representation.
+    rows and the observed-pattern indicators to the representation. With ``cold_start_ridge: auto`` the
+    strength is chosen from :data:`RIDGE_GRID` on the old items before every fit: two folds, each predicted by
+    the map fitted on the other, and the strength whose predictions score closest to the trained
+    representations (squared score error under the users' Gram matrix :math:`U^\top U / n_{users}`, the mean
+    over users of :math:`(u \cdot (\hat y - y))^2`) wins. Only training data are read.
 
 Calibration (``cold_start_calibration``). A generated representation is an average (``knn``) or a shrunk
 regression estimate (``ridge``), so its scores spread far less than an old item's and a new item would sit
@@ -65,10 +69,12 @@ import scipy.sparse as sp
 import torch
 
 from dgmrec.errors import ConfigError
-from dgmrec.losses import ridge_fit
+from dgmrec.losses import ridge_fit, ridge_path
 
 COLD_START_METHODS = ("none", "knn", "ridge")
 CALIBRATIONS = ("none", "share", "spread", "demand")
+#: strengths ``cold_start_ridge: auto`` chooses from
+RIDGE_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 #: old items whose generated representations set the calibration factor (evenly spaced)
 CALIBRATION_SAMPLE = 2048
 #: users whose top lists set the ``share`` factor (evenly spaced), and the list length
@@ -83,22 +89,31 @@ class ColdStartOptions:
 
     method: str = "none"
     k: int = 20
-    ridge: float = 1.0
+    ridge: float | None = 1.0  # None: chosen on held-out old items (``auto``)
     calibration: str = "share"
     scale: float = 1.0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ColdStartOptions:
         d = cls()
+        ridge = config.get("cold_start_ridge", d.ridge)
+        try:
+            strength = None if ridge in ("auto", None) else float(ridge)
+            if isinstance(ridge, bool):
+                raise ValueError(ridge)
+        except ValueError:
+            raise ConfigError(f"key 'cold_start_ridge' must be a number >= 0 or auto, got {ridge!r}",
+                              source="cold_start_ridge") from None
         opts = cls(method=str(config.get("cold_start", d.method)), k=int(config.get("cold_start_k", d.k)),
-                   ridge=float(config.get("cold_start_ridge", d.ridge)),
+                   ridge=strength,
                    calibration=str(config.get("cold_start_calibration", d.calibration)),
                    scale=float(config.get("cold_start_scale", d.scale)))
         for key, value, allowed in (("cold_start", opts.method, COLD_START_METHODS),
                                     ("cold_start_calibration", opts.calibration, CALIBRATIONS)):
             if value not in allowed:
                 raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {value!r}", source=key)
-        for key, bad in (("cold_start_k", opts.k < 1), ("cold_start_ridge", opts.ridge < 0),
+        negative_ridge = opts.ridge is not None and opts.ridge < 0
+        for key, bad in (("cold_start_k", opts.k < 1), ("cold_start_ridge", negative_ridge),
                          ("cold_start_scale", opts.scale <= 0)):
             if bad:
                 raise ConfigError(f"key '{key}' is out of range: {config.get(key)!r}", source=key)
@@ -208,6 +223,8 @@ class ColdStart:
         self.cold = cold.clone().bool()
         self._content: ItemContent | None = None
         self._memo: _Memo | None = None
+        #: the ridge strength of the last fit (``cold_start_ridge``, or the one ``auto`` chose)
+        self.ridge = options.ridge
 
     @property
     def needs_item_features(self) -> bool:
@@ -261,6 +278,8 @@ class ColdStart:
         if memo is None:  # fit the map and the calibration factor on the model's current representations
             y = items[targets].float()
             center = y.mean(0)
+            if options.method == "ridge" and options.ridge is None:
+                self.ridge = self._choose_ridge(targets, y, users.float())
             fit = self._fit(options.method, targets, y)
             raw = self._generate(options.method, rows, targets, y, fit=fit)
             factor = self._factor(options, rows, targets, y, users.float(), items.float(), raw)
@@ -297,7 +316,25 @@ class ColdStart:
 
     def _fit(self, method: str, targets: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The ridge map from content to representation, fitted on ``targets`` (``knn`` has nothing to fit)."""
-        return ridge_fit(self.content.design(targets), y, self.options.ridge) if method == "ridge" else None
+        if method != "ridge":
+            return None
+        return ridge_fit(self.content.design(targets), y, RIDGE_GRID[2] if self.ridge is None else self.ridge)
+
+    def _choose_ridge(self, targets: torch.Tensor, y: torch.Tensor, users: torch.Tensor) -> float:
+        """``cold_start_ridge: auto``: the strength of :data:`RIDGE_GRID` whose two-fold held-out predictions of
+        the old items' representations have the smallest squared score error (users' Gram matrix)."""
+        n = len(targets)
+        if n < 4:
+            return RIDGE_GRID[2]
+        gram = (users.T @ users / max(1, len(users))).double()
+        design = self.content.design(targets)
+        fold = torch.arange(n, device=targets.device) % 2 == 0
+        error = torch.zeros(len(RIDGE_GRID), dtype=torch.float64)
+        for held in (fold, ~fold):
+            for i, (w, b) in enumerate(ridge_path(design[~held], y[~held], RIDGE_GRID)):
+                dev = (design[held] @ w + b - y[held]).double()
+                error[i] += float(((dev @ gram) * dev).sum())
+        return RIDGE_GRID[int(torch.argmin(error))]
 
     def _generate(self, method: str, rows: torch.Tensor, targets: torch.Tensor, y: torch.Tensor,
                   exclude_self: bool = False, fit: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
