@@ -70,10 +70,24 @@ def in_float32(fn: _F) -> _F:
 
 
 def _exp_logits(a: torch.Tensor, b: torch.Tensor, inv_tau: float, shift: torch.Tensor) -> torch.Tensor:
-    """``exp((a b^T - 1) * inv_tau)`` in float32 (the product in the operands' dtype)."""
-    if a.dtype == shift.dtype:
-        return torch.addmm(shift, a, b.T, alpha=inv_tau).exp_()
-    return torch.mm(a, b.T).float().mul_(inv_tau).add_(shift).exp_()
+    """``exp((a b^T - 1) * inv_tau)`` in the operands' dtype (every value is at most 1: ``a``, ``b`` unit rows).
+
+    Scale and shift are applied to the float32 accumulators of the product, before any rounding to a low
+    precision; the block then stays in the GEMM dtype, so the block-sized passes read and write half the bytes.
+    """
+    return torch.addmm(shift.to(a.dtype), a, b.T, alpha=inv_tau).exp_()
+
+
+def _softmax_block(a_blk: torch.Tensor, b: torch.Tensor, inv_tau: float, shift: torch.Tensor,
+                   same: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row block's unnormalised ``E = exp((a_blk b^T - 1) / tau)`` (GEMM dtype, ``same`` entries zeroed) and
+    its float32 row sums ``(rows, 1)``. The softmax ``P = E / sums`` is never formed: its products are ``E``'s,
+    with the row scale applied to the small ``(rows, d)`` side (``P b = (E b) / s``, ``P^T a = E^T (a / s)``)."""
+    expo = _exp_logits(a_blk, b, inv_tau, shift)
+    if same is not None:
+        expo.masked_fill_(same, 0.0)
+    wide = torch.float32 if expo.dtype in (torch.bfloat16, torch.float16) else expo.dtype
+    return expo, expo.sum(dim=1, keepdim=True, dtype=wide)
 
 
 def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -108,20 +122,17 @@ class _CosineNCE(torch.autograd.Function):
         grad_b = torch.zeros_like(b)
         log_denom = torch.empty(n, dtype=a.dtype, device=a.device)
         for s in range(0, n, _CosineNCE.block):
-            a_blk = a_g[s:s + _CosineNCE.block]
-            expo = _exp_logits(a_blk, b_g, inv_tau, shift)
+            e = min(n, s + _CosineNCE.block)
+            same = None
             if ids_a is not None and ids_b is not None:
                 # another row with the same id on either side is a false negative: leave it out
-                same = (ids_a[s:s + _CosineNCE.block, None] == ids_a[None, :]) | (
-                    ids_b[s:s + _CosineNCE.block, None] == ids_b[None, :])
+                same = (ids_a[s:e, None] == ids_a[None, :]) | (ids_b[s:e, None] == ids_b[None, :])
                 rows = torch.arange(same.shape[0], device=same.device)
                 same[rows, rows + s] = False
-                expo.masked_fill_(same, 0.0)
-            denom = expo.sum(dim=1, keepdim=True)
-            log_denom[s:s + _CosineNCE.block] = denom.squeeze(1).log()
-            expo = _low(expo.div_(denom), low)  # softmax rows P
-            grad_a[s:s + _CosineNCE.block] = expo @ b_g
-            _accumulate(grad_b, expo.T, a_blk)
+            expo, denom = _softmax_block(a_g[s:e], b_g, inv_tau, shift, same)
+            log_denom[s:e] = denom.squeeze(1).log()
+            torch.div(expo @ b_g, denom, out=grad_a[s:e])  # P b
+            _accumulate(grad_b, expo.T, _low(a[s:e] / denom, low))  # P^T a
         positive = (a * b).sum(dim=1) * inv_tau
         loss = (inv_tau + log_denom - positive).mean()
         # d/da of mean(lse - positive) = (P - I) b * inv_tau / n, d/db = (P - I)^T a * inv_tau / n
@@ -178,13 +189,11 @@ class _TripleNCE(torch.autograd.Function):
         grad_n = torch.zeros_like(negatives)
         log_denom = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
         for s in range(0, a.shape[0], _TripleNCE.block):
-            a_blk = a_g[s:s + _TripleNCE.block]
-            expo = _exp_logits(a_blk, n_g, inv_tau, shift)  # exp((a.n - 1) / tau) <= 1
-            denom = expo.sum(dim=1, keepdim=True)
-            log_denom[s:s + _TripleNCE.block] = denom.squeeze(1).log()
-            expo = _low(expo.div_(denom), low)
-            grad_a[s:s + _TripleNCE.block] = expo @ n_g
-            _accumulate(grad_n, expo.T, a_blk)
+            e = min(a.shape[0], s + _TripleNCE.block)
+            expo, denom = _softmax_block(a_g[s:e], n_g, inv_tau, shift)  # exp((a.n - 1) / tau) <= 1
+            log_denom[s:e] = denom.squeeze(1).log()
+            torch.div(expo @ n_g, denom, out=grad_a[s:e])
+            _accumulate(grad_n, expo.T, _low(a[s:e] / denom, low))
         loss = (inv_tau + log_denom - (a * b).sum(dim=1) * inv_tau).sum()
         # d/da = (P n - b) / tau, d/db = -a / tau, d/dn = P^T a / tau (sum over rows, no 1/n)
         grad_a.sub_(b).mul_(inv_tau)
