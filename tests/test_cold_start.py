@@ -302,6 +302,16 @@ def test_ridge_path_equals_ridge_fit_for_every_strength():
         torch.testing.assert_close(b, b_ref, rtol=1e-5, atol=1e-6)
 
 
+def test_ridge_path_in_kernel_form_equals_ridge_fit():
+    # fewer rows than columns: the path decomposes the n x n kernel matrix instead of the Gram matrix
+    g = torch.Generator().manual_seed(5)
+    z, y = torch.randn(12, 30, generator=g), torch.randn(12, 3, generator=g)
+    for (w, b), ridge in zip(ridge_path(z, y, [0.5, 30.0]), [0.5, 30.0], strict=True):
+        w_ref, b_ref = ridge_fit(z, y, ridge)
+        torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, b_ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(("signal", "allowed"), [(1.0, RIDGE_GRID[:1]), (0.0, RIDGE_GRID[-4:])])
 def test_auto_ridge_follows_how_much_the_content_predicts(signal, allowed):
     # old items' representations are a linear map of their content (signal 1, no noise: the weakest penalty

@@ -78,10 +78,9 @@ RANGES: dict[str, str] = {
 # list keys whose number of elements is fixed (min, max; None = no upper bound)
 LENGTHS: dict[str, tuple[int, int | None]] = {"learning_rate_scheduler": (2, 2), "topk": (1, None),
                                                "metrics": (1, None)}
-# string (or list-of-string) keys with a fixed set of values; models declare their own in ``Recommender.choices``
 # Numeric keys that also take a keyword (any layer may give the word instead of a number).
 KEYWORDS: dict[str, tuple[str, ...]] = {"cold_start_ridge": ("auto",)}
-
+# string (or list-of-string) keys with a fixed set of values; models declare their own in ``Recommender.choices``
 CHOICES: dict[str, tuple[str, ...]] = {"metrics": METRICS, "missing_imputation": ("zero", "mean", "nn", "graph"),
                                        "feature_scaling": ("none", "standardize", "l2"),
                                        "precision": ("fp32", "bf16", "fp16"), "knn_backend": KNN_BACKENDS}

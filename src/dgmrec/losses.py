@@ -43,32 +43,42 @@ def linear_mse(x: torch.Tensor, layer: nn.Linear, target: torch.Tensor) -> torch
 
 
 @torch.no_grad()
+def _centred(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``z`` and ``y`` in float64, centred, and their column means: ``(zc, yc, z_mean, y_mean)``."""
+    zd, yd = z.double(), y.double()
+    z_mean, y_mean = zd.mean(0), yd.mean(0)
+    return zd - z_mean, yd - y_mean, z_mean, y_mean
+
+
 def ridge_fit(z: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge regression ``y ~ z W + b`` in float64, the penalty relative to the mean input variance.
 
     Returns ``(W, b)`` of shapes ``(d_z, d_y)`` and ``(d_y,)`` in ``z``'s dtype.
     """
-    zd, yd = z.double(), y.double()
-    z_mean, y_mean = zd.mean(0), yd.mean(0)
-    zc = zd - z_mean
+    zc, yc, z_mean, y_mean = _centred(z, y)
     gram = zc.T @ zc
     gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + 1e-12)
-    w = torch.linalg.solve(gram, zc.T @ (yd - y_mean))
+    w = torch.linalg.solve(gram, zc.T @ yc)
     return w.to(z.dtype), (y_mean - z_mean @ w).to(z.dtype)
 
 
 def ridge_path(z: torch.Tensor, y: torch.Tensor, ridges: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`ridge_fit` for several strengths at the cost of one eigendecomposition of the input Gram matrix."""
-    zd, yd = z.double(), y.double()
-    z_mean, y_mean = zd.mean(0), yd.mean(0)
-    zc = zd - z_mean
-    gram = zc.T @ zc
-    scale = float(gram.diagonal().mean())
-    lam, vec = torch.linalg.eigh(gram)
-    proj = vec.T @ (zc.T @ (yd - y_mean))
+    """:func:`ridge_fit` for several strengths at the cost of one symmetric eigendecomposition.
+
+    The decomposition is of the ``d_z x d_z`` input Gram matrix, or, with fewer rows than columns, of the
+    ``n x n`` kernel matrix (``W = Z^T (Z Z^T + r I)^{-1} Y``, the same solution).
+    """
+    zc, yc, z_mean, y_mean = _centred(z, y)
+    scale = float((zc * zc).sum()) / zc.shape[1]  # mean diagonal of the input Gram matrix
+    if zc.shape[0] < zc.shape[1]:
+        lam, vec = torch.linalg.eigh(zc @ zc.T)
+        left, proj = zc.T @ vec, vec.T @ yc
+    else:
+        lam, vec = torch.linalg.eigh(zc.T @ zc)
+        left, proj = vec, vec.T @ (zc.T @ yc)
     out = []
     for ridge in ridges:
-        w = vec @ (proj / (lam.clamp_min(0.0) + ridge * scale + 1e-12)[:, None])
+        w = left @ (proj / (lam.clamp_min(0.0) + ridge * scale + 1e-12)[:, None])
         out.append((w.to(z.dtype), (y_mean - z_mean @ w).to(z.dtype)))
     return out
 

@@ -70,12 +70,13 @@ def in_float32(fn: _F) -> _F:
 
 
 def _exp_logits(a: torch.Tensor, b: torch.Tensor, inv_tau: float, shift: torch.Tensor) -> torch.Tensor:
-    """``exp((a b^T - 1) * inv_tau)`` in the operands' dtype (every value is at most 1: ``a``, ``b`` unit rows).
+    """``exp((a b^T - 1) * inv_tau)`` in the operands' dtype, ``shift`` = ``-inv_tau`` in that dtype (every value is
+    at most 1: ``a``, ``b`` unit rows).
 
     Scale and shift are applied to the float32 accumulators of the product, before any rounding to a low
     precision; the block then stays in the GEMM dtype, so the block-sized passes read and write half the bytes.
     """
-    return torch.addmm(shift.to(a.dtype), a, b.T, alpha=inv_tau).exp_()
+    return torch.addmm(shift, a, b.T, alpha=inv_tau).exp_()
 
 
 def _softmax_block(a_blk: torch.Tensor, b: torch.Tensor, inv_tau: float, shift: torch.Tensor,
@@ -117,7 +118,7 @@ class _CosineNCE(torch.autograd.Function):
         n = a.shape[0]
         low = _GEMM_DTYPE.get()
         a_g, b_g = _low(a, low), _low(b, low)
-        shift = torch.full((1,), -inv_tau, dtype=a.dtype, device=a.device)
+        shift = torch.full((1,), -inv_tau, dtype=a_g.dtype, device=a.device)  # in the GEMM dtype
         grad_a = torch.empty_like(a)
         grad_b = torch.zeros_like(b)
         log_denom = torch.empty(n, dtype=a.dtype, device=a.device)
@@ -184,7 +185,7 @@ class _TripleNCE(torch.autograd.Function):
                 inv_tau: float) -> torch.Tensor:
         low = _GEMM_DTYPE.get()
         a_g, n_g = _low(a, low), _low(negatives, low)
-        shift = torch.full((1,), -inv_tau, dtype=a.dtype, device=a.device)
+        shift = torch.full((1,), -inv_tau, dtype=a_g.dtype, device=a.device)  # in the GEMM dtype
         grad_a = torch.empty_like(a)
         grad_n = torch.zeros_like(negatives)
         log_denom = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
