@@ -400,3 +400,22 @@ def test_a_pruned_trial_stops_its_training_and_keeps_its_checkpoint(tmp_path, da
     assert 2 <= epochs < 3000  # interrupted long before its end
     assert (folder / "checkpoint.pt").is_file() and not (folder / "run.json").exists()
     assert not (study.store / "locks" / f"{run.key}.lock").exists()
+
+
+def test_cost_times_are_medians_of_the_epoch_log(tmp_path):
+    """A suspended epoch (here 500 s among sub-second ones) does not move the cost table's times."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"epoch": 0, "train_seconds": 0.2, "eval_seconds": 0.1}, {"epoch": 1, "train_seconds": 500.0},
+             {"epoch": 2, "train_seconds": 0.3, "eval_seconds": 0.4}, {"epoch": 3, "train_seconds": 0.25,
+                                                                      "eval_seconds": 0.1}]
+    (run / "log.jsonl").write_text("\n".join(json.dumps(e) for e in lines) + "\n")
+
+    class Ctx:
+        def folder(self, key):
+            return run if key == "logged" else tmp_path / "absent"
+
+    summary = {"seconds_per_epoch": 125.19, "seconds_per_evaluation": 0.2}
+    assert rp._epoch_times(Ctx(), "logged", summary) == pytest.approx((0.275, 0.1))
+    # a run without a log falls back to its summary
+    assert rp._epoch_times(Ctx(), "other", summary) == (125.19, 0.2)

@@ -8,6 +8,7 @@ import re
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -60,6 +61,26 @@ def test_training_stops_after_the_patience_and_reports_the_best(small2, tmp_path
     assert res["best_epoch"] == len(log) - 2 and res["valid"]["recall@20"] == max(recalls)
 
 
+def test_run_times_are_medians_over_the_epochs(small2, tmp_path, monkeypatch):
+    """One epoch that takes 100 s longer (a suspended process) does not move the run's seconds per epoch."""
+    original = Trainer.train_epoch
+
+    def suspended_once(self, epoch):
+        entry = original(self, epoch)
+        if epoch == 2:
+            self.train_seconds[-1] += 100.0
+            entry["train_seconds"] = round(self.train_seconds[-1], 4)
+        return entry
+
+    monkeypatch.setattr(Trainer, "train_epoch", suspended_once)
+    res, log = _run(small2, tmp_path / "run", stopping_bpr_below=0.01, epochs=5)
+    train = [e["train_seconds"] for e in log]
+    assert len(train) == 5 and max(train) > 100
+    assert res["seconds_per_epoch"] == pytest.approx(float(np.median(train)), abs=1e-3)
+    assert res["seconds_per_epoch"] < 50
+    assert res["train_seconds_total"] == pytest.approx(sum(train), abs=0.02)
+
+
 def test_patience_waits_for_the_bpr_loss(small2, tmp_path):
     plain, _ = _run(small2, tmp_path / "plain")
     # the BPR loss of this short run never falls below 0.01: patience is never used, the run goes to the cap
@@ -72,7 +93,7 @@ def test_patience_waits_for_the_bpr_loss(small2, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ named steps
-TIMINGS = ("train_seconds", "eval_seconds", "seconds_per_epoch", "seconds_per_evaluation")
+TIMINGS = ("train_seconds", "eval_seconds", "seconds_per_epoch", "seconds_per_evaluation", "train_seconds_total")
 
 
 def _without_timings(d):

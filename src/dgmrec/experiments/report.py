@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -678,6 +678,23 @@ def _tsne_figure(plt: Any, ctx: Context, cell: Cell, title: str, path: Path) -> 
     return save_figure(fig, path)
 
 
+def _epoch_times(ctx: Context, key: str, res: Mapping[str, Any]) -> tuple[float, float]:
+    """Median seconds per training epoch and per evaluation of a run, from its per-epoch log (``log.jsonl``);
+    the run summary's values where the log has none."""
+    train: list[float] = []
+    evals: list[float] = []
+    log = ctx.folder(key) / "log.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            entry = json.loads(line) if line.strip() else {}
+            if "train_seconds" in entry:
+                train.append(float(entry["train_seconds"]))
+            if "eval_seconds" in entry:
+                evals.append(float(entry["eval_seconds"]))
+    return (float(np.median(train)) if train else float(res["seconds_per_epoch"]),
+            float(np.median(evals)) if evals else float(res["seconds_per_evaluation"]))
+
+
 def build_cost(ctx: Context, a: Analysis, stem: str) -> list[Path]:
     rows = _rows(ctx, a)
     header = ["Model"]
@@ -689,16 +706,18 @@ def build_cost(ctx: Context, a: Analysis, stem: str) -> list[Path]:
     for m, v, label in rows:
         row: list[Any] = [label]
         for d, s in cols:
-            res = [ctx.results(c.key) for c in ctx.plan.select("main", dataset=d, setting=s, model=m, variant=v)]
-            res = [r for r in res if r]
-            devices |= {str(r.get("device", "?")) for r in res}
-            row += [an.Stat.of([r["seconds_per_epoch"] for r in res], digits=3),
-                    an.Stat.of([r["seconds_per_evaluation"] for r in res], digits=3),
-                    an.Stat.of([r["epochs_run"] for r in res], digits=0),
-                    an.Stat.of([r["seconds_per_epoch"] * r["epochs_run"] for r in res], digits=0)]
+            done = [(c.key, r) for c in ctx.plan.select("main", dataset=d, setting=s, model=m, variant=v)
+                    if (r := ctx.results(c.key))]
+            devices |= {str(r.get("device", "?")) for _, r in done}
+            times = [_epoch_times(ctx, key, r) for key, r in done]
+            row += [an.Stat.of([t for t, _ in times], digits=3),
+                    an.Stat.of([e for _, e in times], digits=3),
+                    an.Stat.of([r["epochs_run"] for _, r in done], digits=0),
+                    an.Stat.of([t * r["epochs_run"] for (t, _), (_, r) in zip(times, done, strict=True)], digits=0)]
         body.append(row)
-    caption = (f"Seconds per training epoch, per evaluation (one full-ranking pass over the validation users), epochs "
-               f"run until early stopping and total training time (s/epoch x epochs, evaluation excluded); "
+    caption = (f"Seconds per training epoch and per evaluation (one full-ranking pass over the validation users), each "
+               f"the median over the run's epochs (an epoch during which the process was suspended does not count), "
+               f"epochs run until early stopping and total training time (s/epoch x epochs, evaluation excluded); "
                f"{_seed_note(ctx)}; device(s): {', '.join(sorted(devices)) or '–'}. Times are comparable only within "
                f"one device. {selection_note(ctx.valid_metric)}")
     t = Table(name=stem, title="Training and inference cost", caption=caption, header=header, rows=body)

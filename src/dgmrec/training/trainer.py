@@ -396,8 +396,10 @@ class Trainer:
             "best_epoch": best.get("epoch", -1),
             "epochs_run": self.epoch,
             "early_stopped": bool(self.stopper.should_stop and self.epoch < self.epochs),
-            "seconds_per_epoch": round(float(np.mean(self.train_seconds)) if self.train_seconds else 0.0, 4),
-            "seconds_per_evaluation": round(float(np.mean(self.eval_seconds)) if self.eval_seconds else 0.0, 4),
+            # medians: an epoch during which the process was suspended or descheduled does not move them
+            "seconds_per_epoch": round(float(np.median(self.train_seconds)) if self.train_seconds else 0.0, 4),
+            "seconds_per_evaluation": round(float(np.median(self.eval_seconds)) if self.eval_seconds else 0.0, 4),
+            "train_seconds_total": round(float(np.sum(self.train_seconds)), 2),
             "valid_metric": self.valid_metric,
             "valid": best.get("valid", {}),
             "test": best.get("test", {}),
