@@ -138,6 +138,20 @@ def test_a_stored_study_trains_nothing(done_study, monkeypatch):
     assert again.trained == [] and again.analysed == []
 
 
+def test_a_dry_run_lists_what_is_missing_and_writes_nothing(tmp_path, data_dir, capsys):
+    from dgmrec.cli import main
+
+    study_file = _study_file(tmp_path, data_dir)
+    study = st.load_study(study_file)
+    main(["study", "run", str(study_file), "--dry-run"])
+    out = capsys.readouterr().out
+    n = len(st.plan_study(study, write=False).runs)
+    assert f"{n} runs, {n} to train" in out
+    # the plan is not written and nothing is trained (derived inputs, the ratio masks and the materialised
+    # synthetic folder, may be: the run keys are computed from them)
+    assert not study.plan_path.exists() and not (study.store / "runs").exists()
+
+
 def test_an_interrupted_study_finishes_with_the_same_tables(tmp_path, data_dir, done_study):
     _, _, report = done_study
     study = st.load_study(_study_file(tmp_path, data_dir))

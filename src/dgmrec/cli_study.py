@@ -33,8 +33,8 @@ def study_run(
     study = load_study(study_file)
     if workers < 1:
         raise InputError("must be at least 1", source="--workers")
-    if dry_run:
-        plan = plan_study(study)
+    if dry_run:  # nothing is written: the store's plan stays that of the last run
+        plan = plan_study(study, write=False)
         todo = pending_runs(study, plan)
         console.print(f"study {study.name}: {len(plan.runs)} runs, {len(todo)} to train or analyse")
         for run in todo:
