@@ -433,3 +433,25 @@ def test_cost_times_are_medians_of_the_epoch_log(tmp_path):
     assert rp._epoch_times(Ctx(), "logged", summary) == pytest.approx((0.275, 0.1))
     # a run without a log falls back to its summary
     assert rp._epoch_times(Ctx(), "other", summary) == (125.19, 0.2)
+
+
+def test_an_analysis_of_a_stored_run_without_its_checkpoint_trains_it_again(tmp_path, data_dir):
+    """A fresh clone holds run records but no checkpoints: a study that adds a post-training analysis rebuilds
+    the checkpoint beside the run, leaves the records unchanged and computes the analysis."""
+    first = st.load_study(_study_file(tmp_path, data_dir, models=["MFBPR"], seeds=[1], analyses=[{"kind": "overall"}]))
+    st.run_study(first, progress=False)
+    plan = st.plan_study(first, write=False)
+    folder = next(iter(plan.runs.values())).folder(first.store)
+    records = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix in (".json", ".jsonl", ".csv")}
+    (folder / "best.pt").unlink()
+    second = st.load_study(_study_file(tmp_path, data_dir, models=["MFBPR"], seeds=[1],
+                                       analyses=[{"kind": "by_missing_level", "k": [20]}]))
+    out = st.run_study(second, progress=False)
+    assert out.failed == {} and out.trained == [next(iter(plan.runs))]
+    record = json.loads((folder / "run.json").read_text())
+    assert record["checkpoint_rebuilt"] == {"metrics_equal": True} and "by_missing_level" in record["post"]
+    assert (folder / "best.pt").is_file() and (folder / an.BY_LEVEL_FILE).is_file()
+    assert not (second.store / st.REBUILD_DIR).exists() or not any((second.store / st.REBUILD_DIR).iterdir())
+    for name, content in records.items():
+        if name != "run.json":
+            assert (folder / name).read_bytes() == content, name

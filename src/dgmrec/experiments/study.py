@@ -22,6 +22,8 @@ Store layout::
     locks/<key>.lock      claims of runs in progress
     masks/, data/         masks of the missing-ratio sweep and materialised synthetic datasets
     plans/<study>.json    the study's cells and dataset fingerprints (what ``study report`` reads)
+    rebuild/<key>/        a stored run trained again for the checkpoint a new post-training analysis needs
+                          (checkpoints are not kept with the records); removed once the checkpoint is in place
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -475,6 +478,8 @@ def run_key(model: str, config: Mapping[str, Any], fingerprint: Mapping[str, Any
 
 # ============================================================================================ planning
 STORE_PREFIX = "store:"
+#: where a stored run is trained again for a checkpoint that was not kept (``<store>/rebuild/<key>``)
+REBUILD_DIR = "rebuild"
 
 
 @dataclass
@@ -900,6 +905,32 @@ def _portable_paths(results_file: Path) -> None:
     results_file.write_text(json.dumps(res, indent=2))
 
 
+def _train(study: Study, run: RunPlan, out: Path, device: str | None, progress: bool,
+           stop: Callable[[], bool] | None) -> None:
+    from dgmrec import api
+
+    api.train(run.model, resolve_store_path(run.data, study.store), out=out,
+              overrides={k: v for k, v in run.overrides.items()}, seed=run.seed,
+              device=device or study.device, resume=(out / "checkpoint.pt").is_file(), progress=progress,
+              modalities=run.modalities or None, mask=resolve_store_path(run.mask, study.store) or None,
+              mask_letters=run.mask_letters or None, setting=run.setting, stop=stop)
+
+
+def _rebuild_checkpoint(study: Study, run: RunPlan, folder: Path, device: str | None, progress: bool,
+                        stop: Callable[[], bool] | None) -> dict[str, Any]:
+    """Train a stored run again, beside it in ``<store>/rebuild/<key>``, for the checkpoint a post-training
+    analysis needs; the stored records stay as they are. Returns whether the rebuilt run's validation and test
+    metrics equal the stored ones (they do on the machine that trained the run: a seed fixes everything)."""
+    out = study.store / REBUILD_DIR / run.key
+    _train(study, run, out, device, progress, stop)
+    stored = json.loads((folder / "results.json").read_text())
+    rebuilt = json.loads((out / "results.json").read_text())
+    same = all(stored.get(k) == rebuilt.get(k) for k in ("best_epoch", "valid", "test"))
+    os.replace(out / "best.pt", folder / "best.pt")
+    shutil.rmtree(out, ignore_errors=True)
+    return {"metrics_equal": same}
+
+
 def execute_run(study: Study, run: RunPlan, device: str | None = None, progress: bool = False,
                 stop: Callable[[], bool] | None = None) -> bool:
     """Train ``run`` unless its results exist, compute missing post-training analyses, write the record.
@@ -916,12 +947,7 @@ def execute_run(study: Study, run: RunPlan, device: str | None = None, progress:
         results_file = folder / "results.json"
         done_before = results_file.is_file() and json.loads(results_file.read_text()).get("config") == run.config
         if not done_before:
-            api.train(run.model, resolve_store_path(run.data, study.store), out=folder,
-                      overrides={k: v for k, v in run.overrides.items()}, seed=run.seed,
-                      device=device or study.device, resume=(folder / "checkpoint.pt").is_file(), progress=progress,
-                      modalities=run.modalities or None,
-                      mask=resolve_store_path(run.mask, study.store) or None,
-                      mask_letters=run.mask_letters or None, setting=run.setting, stop=stop)
+            _train(study, run, folder, device, progress, stop)
             trained = True
         _portable_paths(results_file)
         record = {"status": "done", "key": run.key, "model": run.model, "dataset": run.dataset,
@@ -931,6 +957,9 @@ def execute_run(study: Study, run: RunPlan, device: str | None = None, progress:
     if todo:
         from dgmrec.experiments import analyses
 
+        if not (folder / "best.pt").is_file():  # a stored run whose checkpoint was not kept (never committed)
+            record["checkpoint_rebuilt"] = _rebuild_checkpoint(study, run, folder, device, progress, stop)
+            trained = True
         loaded = api.load_run(folder, device=device or study.device,
                               data=None if not run.data.startswith(STORE_PREFIX)
                               else resolve_store_path(run.data, study.store))
