@@ -117,7 +117,11 @@ class SIBRAR(Recommender):
         pair = draw_modality_pairs(available)
         a, b = pair[:, 0], pair[:, 1]
         ip, i_n = inverse[:B], inverse[B:]
-        pa, pb, na, nb = emb[a, ip], emb[b, ip], emb[a, i_n], emb[b, i_n]
+        # the four (modality, item) lookups as one row gather of the flattened outputs: its backward is one
+        # index_add instead of four accumulating index_puts into (M + 1, n, d) zeros
+        n, d = emb.shape[1], emb.shape[2]
+        rows = torch.cat([a * n + ip, b * n + ip, a * n + i_n, b * n + i_n])
+        pa, pb, na, nb = emb.reshape(-1, d).index_select(0, rows).view(4, B, d).unbind(0)
         u = F.embedding(users, self.user_embedding)
         bpr = bpr_loss((u * (pa + pb)).sum(1), (u * (na + nb)).sum(1))
         distinct = a != b
