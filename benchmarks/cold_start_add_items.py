@@ -18,6 +18,12 @@ how often they enter users' top-20 lists (full ranking, training items excluded)
     dgmrec train ... --setting new-items --out RUN_A          # full dataset
     dgmrec train ... --data OUT/data --mask OUT/data/observed.npz --setting new-items --out RUN_B
     python benchmarks/cold_start_add_items.py measure --run-a RUN_A --run-b RUN_B --items OUT/items [--json F]
+    python benchmarks/cold_start_add_items.py summary F1.json F2.json ...   # several seed pairs, one table
+
+Besides the 100 items, ``measure`` reports the cold Recall@20 of the *other* new items in both runs (what run B,
+trained without the 100 items, does for new items in general), the bootstrap standard error over users of the
+100 items' Recall@20, the per-user rank agreement of the two runs' scores of the 100 items, and a check of the
+addition path on run A: the same 100 items added to run A again, as duplicates, get the originals' representations.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 from dgmrec import api
 from dgmrec.data.mmrec import write_inter, write_mmrec
@@ -109,7 +116,17 @@ def measure(args: argparse.Namespace) -> None:
     test_a = ds_a.test[np.isin(ds_a.test[:, 1], picked)]
     test_b = np.stack([test_a[:, 0], [to_b[i] for i in test_a[:, 1]]], axis=1)
     mean_a, users_a = cold_recall(run_a, picked, ds_a.test)
-    mean_b, _ = cold_recall(res.run, res.items, test_b)
+    mean_b, users_b = cold_recall(res.run, res.items, test_b)
+    # the other new items, in both runs (run B after the addition, so both rank among the same 1,242 items)
+    keep = np.ones(ds_a.n_items, dtype=bool)
+    keep[picked] = False
+    a_to_b = np.full(ds_a.n_items, -1)
+    a_to_b[keep] = np.arange(int(keep.sum()))
+    a_to_b[picked] = res.items
+    other = np.flatnonzero(ds_a.new_items.astype(bool) & keep)
+    test_all_b = np.stack([ds_a.test[:, 0], a_to_b[ds_a.test[:, 1]]], axis=1)
+    other_a, _ = cold_recall(run_a, other, ds_a.test)
+    other_b, _ = cold_recall(res.run, a_to_b[other], test_all_b)
     report = {
         "items": len(picked), "test_pairs": len(test_a),
         "present_at_training": {**{k: round(v, 5) for k, v in mean_a.items()}, **in_top20(run_a, picked)},
@@ -117,10 +134,65 @@ def measure(args: argparse.Namespace) -> None:
         "relative_difference_recall@20": round((mean_b["recall@20"] - mean_a["recall@20"])
                                                / max(mean_a["recall@20"], 1e-12), 4),
         "users": len(users_a),
+        "standard_error_over_users_recall@20": {"present": _bootstrap_se(users_a), "added": _bootstrap_se(users_b)},
+        "other_new_items_recall@20": {"items": len(other), "present_run": round(other_a["recall@20"], 5),
+                                      "added_run": round(other_b["recall@20"], 5)},
+        "rank_agreement_spearman": _rank_agreement(run_a, picked, res.run, res.items, test_a[:, 0]),
+        "duplicates_added_to_run_a_max_difference": _duplicates(run_a, picked, feats, folder),
     }
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def _bootstrap_se(per_user: np.ndarray, draws: int = 2000) -> float:
+    """Bootstrap standard error (over users) of the mean of a per-user metric vector."""
+    v = np.asarray(per_user, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    return round(float(np.std([v[rng.integers(0, len(v), len(v))].mean() for _ in range(draws)])), 5)
+
+
+def _rank_agreement(run_a: api.LoadedRun, items_a: np.ndarray, run_b: api.LoadedRun, items_b: np.ndarray,
+                    users: np.ndarray) -> float:
+    """Median over ``users`` of the Spearman correlation of the two runs' scores of the same items."""
+    users_t = torch.as_tensor(np.unique(users))
+    with torch.no_grad():
+        run_a.model.prepare_eval()
+        run_b.model.prepare_eval()
+        sa = run_a.model.score_users(users_t)[:, torch.as_tensor(items_a)].float().numpy()
+        sb = run_b.model.score_users(users_t)[:, torch.as_tensor(items_b)].float().numpy()
+    return round(float(np.median([spearmanr(x, y)[0] for x, y in zip(sa, sb, strict=True)])), 4)
+
+
+def _duplicates(run_a: api.LoadedRun, picked: np.ndarray, feats: dict[str, np.ndarray], folder: Path) -> float:
+    """The items added to run A again, as duplicates: the largest difference between a duplicate's representation
+    and its original's (zero up to rounding: the addition path gives an item what training-time cold items get)."""
+    res = api.add_items(run_a, feats, item_ids=[f"duplicate-{i}" for i in picked],
+                        out=Path(folder).parent / "duplicates_added_to_run_a")
+    with torch.no_grad():
+        res.run.model.prepare_eval()
+        reps = res.run.model.eval_representations()
+    assert reps is not None
+    items = reps[1]
+    return float((items[torch.as_tensor(res.items)] - items[torch.as_tensor(picked)]).abs().max())
+
+
+def summary(args: argparse.Namespace) -> None:
+    """One Markdown row per measured seed pair, and the means over the pairs."""
+    rows = [(Path(f).stem, json.loads(Path(f).read_text())) for f in args.records]
+    print("| pair | 100 items: present (A) | added (B) | relative | SE over users, A / B "
+          "| other new items: A / B | rank agreement |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows:
+        se = r.get("standard_error_over_users_recall@20", {})
+        other = r.get("other_new_items_recall@20", {})
+        print(f"| {name} | {r['present_at_training']['recall@20']:.4f} | {r['added_after_training']['recall@20']:.4f}"
+              f" | {100 * r['relative_difference_recall@20']:+.1f} % | {se.get('present', float('nan')):.4f} / "
+              f"{se.get('added', float('nan')):.4f} | {other.get('present_run', float('nan')):.4f} / "
+              f"{other.get('added_run', float('nan')):.4f} | {r.get('rank_agreement_spearman', float('nan')):.2f} |")
+    a = float(np.mean([r["present_at_training"]["recall@20"] for _, r in rows]))
+    b = float(np.mean([r["added_after_training"]["recall@20"] for _, r in rows]))
+    print(f"\nmean over {len(rows)} pairs: present {a:.4f}, added {b:.4f}, relative {100 * (b - a) / a:+.1f} %")
 
 
 def main() -> None:
@@ -140,6 +212,9 @@ def main() -> None:
     q.add_argument("--items", required=True)
     q.add_argument("--json", default=None)
     q.set_defaults(fn=measure)
+    r = sub.add_parser("summary")
+    r.add_argument("records", nargs="+", help="JSON records written by measure --json")
+    r.set_defaults(fn=summary)
     args = parser.parse_args()
     args.fn(args)
 
