@@ -103,6 +103,14 @@ def test_negative_cosine_hand_computed():
     assert target.grad is None  # stop-gradient target
     assert negative_cosine(online, target, torch.tensor([True, False, False])).item() == pytest.approx(0.0)
     assert negative_cosine(online, target, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+    # the gradient through the online side is that of torch's cosine similarity
+    rng = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 4, generator=rng, requires_grad=True)
+    b = torch.randn(5, 4, generator=rng)
+    negative_cosine(a, b).backward()
+    ref = a.detach().clone().requires_grad_(True)
+    (1.0 - torch.nn.functional.cosine_similarity(ref, b, dim=-1).mean()).backward()
+    assert torch.allclose(a.grad, ref.grad, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- VBPR
