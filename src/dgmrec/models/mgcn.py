@@ -139,9 +139,10 @@ class MGCN(Recommender):
     def loss(self, batch: Batch) -> LossOutput:
         f = self.forward_all(training=True)
         U = self.n_users
-        u_rows = F.embedding(batch.users, torch.cat([f["final"], f["side"], f["collab"]], dim=1)[:U])
+        table = torch.cat([f["final"], f["side"], f["collab"]], dim=1)  # users' rows, then items'
+        u_rows = F.embedding(batch.users, table[:U])
         u, u_side, u_collab = u_rows.split(self.d, dim=1)
-        item_tab = torch.cat([f["final"], f["side"], f["collab"]], dim=1)[U:]
+        item_tab = table[U:]
         p_final, p_side, p_collab = F.embedding(batch.pos, item_tab).split(self.d, dim=1)
         neg = F.embedding(batch.neg, f["final"][U:])
         bpr = bpr_loss((u * p_final).sum(1), (u * neg).sum(1))
