@@ -42,6 +42,13 @@ from dgmrec.data.mmrec import write_inter, write_mmrec
 from dgmrec.evaluation.protocol import Evaluator, rank_items
 
 
+def _without(n_items: int, picked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The items kept when ``picked`` are removed (bool mask) and every item's index among the kept ones."""
+    keep = np.ones(n_items, dtype=bool)
+    keep[picked] = False
+    return keep, np.cumsum(keep) - 1
+
+
 def make_base(args: argparse.Namespace) -> None:
     spec = api.DatasetSpec(args.data, modalities=args.modalities.split(","), mask=args.mask, setting="new-items")
     ds = spec.load()
@@ -52,9 +59,7 @@ def make_base(args: argparse.Namespace) -> None:
     every = np.flatnonzero(ds.new_items & (n_obs == ds.n_modalities))
     picked = np.sort(np.concatenate([rng.choice(one, args.n // 2, replace=False),
                                      rng.choice(every, args.n - args.n // 2, replace=False)]))
-    keep = np.ones(ds.n_items, dtype=bool)
-    keep[picked] = False
-    new_id = np.cumsum(keep) - 1
+    keep, new_id = _without(ds.n_items, picked)
 
     def drop(pairs: np.ndarray) -> np.ndarray:
         pairs = pairs[keep[pairs[:, 1]]]
@@ -111,22 +116,19 @@ def measure(args: argparse.Namespace) -> None:
     feats = {m: np.load(folder / f"{m}.npy") for m in ds_a.modalities}
     res = api.add_items(run_b, feats, item_ids=(folder / "ids.txt").read_text().split(),
                         out=Path(args.run_b) / "added_items_benchmark")
-    # the items' held-out interactions in run B's numbering (users are unchanged)
-    to_b = dict(zip(picked.tolist(), res.items.tolist(), strict=True))
+    # every item in run B's numbering (users are unchanged): kept items re-indexed, the picked ones as added
+    keep, new_id = _without(ds_a.n_items, picked)
+    a_to_b = np.where(keep, new_id, -1)
+    a_to_b[picked] = res.items
+    test_b = np.stack([ds_a.test[:, 0], a_to_b[ds_a.test[:, 1]]], axis=1)
     test_a = ds_a.test[np.isin(ds_a.test[:, 1], picked)]
-    test_b = np.stack([test_a[:, 0], [to_b[i] for i in test_a[:, 1]]], axis=1)
     mean_a, users_a = cold_recall(run_a, picked, ds_a.test)
     mean_b, users_b = cold_recall(res.run, res.items, test_b)
-    # the other new items, in both runs (run B after the addition, so both rank among the same 1,242 items)
-    keep = np.ones(ds_a.n_items, dtype=bool)
-    keep[picked] = False
-    a_to_b = np.full(ds_a.n_items, -1)
-    a_to_b[keep] = np.arange(int(keep.sum()))
-    a_to_b[picked] = res.items
+    # the other new items, in both runs (run B after the addition, so both rank among the same new items)
     other = np.flatnonzero(ds_a.new_items.astype(bool) & keep)
-    test_all_b = np.stack([ds_a.test[:, 0], a_to_b[ds_a.test[:, 1]]], axis=1)
     other_a, _ = cold_recall(run_a, other, ds_a.test)
-    other_b, _ = cold_recall(res.run, a_to_b[other], test_all_b)
+    other_b, _ = cold_recall(res.run, a_to_b[other], test_b)
+    agreement = _rank_agreement(run_a, picked, res.run, res.items, test_a[:, 0])
     report = {
         "items": len(picked), "test_pairs": len(test_a),
         "present_at_training": {**{k: round(v, 5) for k, v in mean_a.items()}, **in_top20(run_a, picked)},
@@ -137,9 +139,10 @@ def measure(args: argparse.Namespace) -> None:
         "standard_error_over_users_recall@20": {"present": _bootstrap_se(users_a), "added": _bootstrap_se(users_b)},
         "other_new_items_recall@20": {"items": len(other), "present_run": round(other_a["recall@20"], 5),
                                       "added_run": round(other_b["recall@20"], 5)},
-        "rank_agreement_spearman": _rank_agreement(run_a, picked, res.run, res.items, test_a[:, 0]),
-        "duplicates_added_to_run_a_max_difference": _duplicates(run_a, picked, feats, folder),
+        "rank_agreement_spearman": agreement,
     }
+    # adds the items to run A again: last, after everything that reads run A
+    report["duplicates_added_to_run_a_max_difference"] = _duplicates(run_a, picked, feats, folder)
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -910,7 +910,7 @@ def _train(study: Study, run: RunPlan, out: Path, device: str | None, progress: 
     from dgmrec import api
 
     api.train(run.model, resolve_store_path(run.data, study.store), out=out,
-              overrides={k: v for k, v in run.overrides.items()}, seed=run.seed,
+              overrides=dict(run.overrides), seed=run.seed,
               device=device or study.device, resume=(out / "checkpoint.pt").is_file(), progress=progress,
               modalities=run.modalities or None, mask=resolve_store_path(run.mask, study.store) or None,
               mask_letters=run.mask_letters or None, setting=run.setting, stop=stop)
