@@ -24,6 +24,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path, *, title
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -52,6 +53,12 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path, *, title
     ax_valid.set_xlabel("epoch")
     ax_valid.set_ylabel(valid_metric)
     ax_valid.grid(alpha=0.3)
+    single = max((e.get("epoch", 0) for e in history), default=0) == 0
+    for ax in (ax_loss, ax_valid):  # epochs are whole numbers
+        if single:
+            ax.set_xticks([0])
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if evals:
         xs, ys = zip(*evals, strict=True)
         ax_valid.plot(xs, ys, marker="." if len(xs) < 60 else None, color="tab:blue", label=f"valid {valid_metric}")

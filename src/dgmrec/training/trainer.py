@@ -427,7 +427,8 @@ class Trainer:
         """Draw ``curves.png`` from the run's history (see :mod:`dgmrec.training.curves`)."""
         res = results if results is not None else self.results()
         stopped = "stopped early" if res["early_stopped"] else "ran to the last epoch"
-        subtitle = (f"{res['epochs_run']} epochs ({stopped}), best epoch {res['best_epoch']} by validation "
+        epochs = f"{res['epochs_run']} epoch" + ("" if res["epochs_run"] == 1 else "s")
+        subtitle = (f"{epochs} ({stopped}), best epoch {res['best_epoch']} by validation "
                     f"{self.valid_metric}, {self.ds.n_users} users x {self.ds.n_items} items")
         return plot_curves(self.history, self.out / CURVES_NAME, title=f"{self.model.name} on {self.ds.name}",
                            subtitle=subtitle, valid_metric=self.valid_metric, best_epoch=int(res["best_epoch"]),
