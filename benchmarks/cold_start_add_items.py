@@ -20,10 +20,11 @@ how often they enter users' top-20 lists (full ranking, training items excluded)
     python benchmarks/cold_start_add_items.py measure --run-a RUN_A --run-b RUN_B --items OUT/items [--json F]
     python benchmarks/cold_start_add_items.py summary F1.json F2.json ...   # several seed pairs, one table
 
-Besides the 100 items, ``measure`` reports the cold Recall@20 of the *other* new items in both runs (what run B,
-trained without the 100 items, does for new items in general), the bootstrap standard error over users of the
-100 items' Recall@20, the per-user rank agreement of the two runs' scores of the 100 items, and a check of the
-addition path on run A: the same 100 items added to run A again, as duplicates, get the originals' representations.
+Besides the added items, ``measure`` reports the cold Recall@20 of the *other* new items in both runs (what run
+B, trained without the added items, does for new items in general), the bootstrap standard error over users of
+the added items' Recall@20, the per-user rank agreement of the two runs' scores of the added items, and a check
+of the addition path on run A: the same items added to run A again, as duplicates, get the originals'
+representations.
 """
 
 from __future__ import annotations
@@ -183,13 +184,14 @@ def _duplicates(run_a: api.LoadedRun, picked: np.ndarray, feats: dict[str, np.nd
 def summary(args: argparse.Namespace) -> None:
     """One Markdown row per measured seed pair, and the means over the pairs."""
     rows = [(Path(f).stem, json.loads(Path(f).read_text())) for f in args.records]
-    print("| pair | 100 items: present (A) | added (B) | relative | SE over users, A / B "
+    print("| pair | items | present (A) | added (B) | relative | SE over users, A / B "
           "| other new items: A / B | rank agreement |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in rows:
         se = r.get("standard_error_over_users_recall@20", {})
         other = r.get("other_new_items_recall@20", {})
-        print(f"| {name} | {r['present_at_training']['recall@20']:.4f} | {r['added_after_training']['recall@20']:.4f}"
+        print(f"| {name} | {r['items']} | {r['present_at_training']['recall@20']:.4f} "
+              f"| {r['added_after_training']['recall@20']:.4f}"
               f" | {100 * r['relative_difference_recall@20']:+.1f} % | {se.get('present', float('nan')):.4f} / "
               f"{se.get('added', float('nan')):.4f} | {other.get('present_run', float('nan')):.4f} / "
               f"{other.get('added_run', float('nan')):.4f} | {r.get('rank_agreement_spearman', float('nan')):.2f} |")
