@@ -190,7 +190,8 @@ def test_report_reads_the_store_alone_and_is_byte_for_byte_repeatable(done_study
     names = {p.name for p in report.paths}
     for expected in ("overall_missing.md", "overall_missing.tex", "overall_missing.csv", "cost.md",
                      "by_missing_level_small_missing_at20.png", "retrieval.md", "disentanglement_cosines.png",
-                     "missing_ratio_R20_drop.csv", "missing_ratio_R20.png", "ablation.md"):
+                     "disentanglement_cosines_training.png", "missing_ratio_R20_drop.csv", "missing_ratio_R20.png",
+                     "ablation.md"):
         assert expected in names
     for p in report.paths:
         if p.suffix == ".md":

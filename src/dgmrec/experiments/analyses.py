@@ -21,7 +21,6 @@ Definitions:
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -112,25 +111,16 @@ def general_specific(loaded: Any) -> tuple[list[np.ndarray], list[np.ndarray]] |
     return [g.cpu().numpy() for g, _ in parts], [s.cpu().numpy() for _, s in parts]
 
 
-def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    na = np.linalg.norm(a, axis=1)
-    nb = np.linalg.norm(b, axis=1)
-    return np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-12)
-
-
 def disentanglement(general: Sequence[np.ndarray], specific: Sequence[np.ndarray], observed: np.ndarray,
                     modalities: Sequence[str]) -> dict[str, dict[str, float]]:
     """Mean cosines general/specific per modality and general/general per modality pair (module notes)."""
-    out: dict[str, dict[str, float]] = {}
-    for j, m in enumerate(modalities):
-        sel = observed[:, j]
-        out[f"general-specific {m}"] = {"cosine": float(_row_cosine(general[j][sel], specific[j][sel]).mean()),
-                                        "items": int(sel.sum())}
-    for a, b in itertools.combinations(range(len(modalities)), 2):
-        sel = observed[:, a] & observed[:, b]
-        value = float(_row_cosine(general[a][sel], general[b][sel]).mean()) if sel.any() else float("nan")
-        out[f"general {modalities[a]}-{modalities[b]}"] = {"cosine": value, "items": int(sel.sum())}
-    return out
+    import torch
+
+    from dgmrec.models.dgmrec import disentanglement_cosines
+
+    cosines = disentanglement_cosines([torch.as_tensor(g) for g in general], [torch.as_tensor(x) for x in specific],
+                                      torch.as_tensor(observed), modalities)
+    return {name: {"cosine": value, "items": n} for name, (value, n) in cosines.items()}
 
 
 def tsne_points(general: Sequence[np.ndarray], specific: Sequence[np.ndarray], modalities: Sequence[str],

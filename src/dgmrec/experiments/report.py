@@ -653,7 +653,45 @@ def build_disentanglement(ctx: Context, a: Analysis, stem: str) -> list[Path]:
         ax.set_title("General vs specific features (encoder outputs)")
         ax.legend(fontsize=8)
         paths.append(save_figure(fig, ctx.out / f"{stem}_cosines.png"))
+    histories = [(title, _cosine_history(ctx, [c for c, _ in col])) for col, title in zip(columns, header[1:],
+                                                                                         strict=True)]
+    histories = [(title, h) for title, h in histories if h]
+    if histories:  # runs trained since DGMRec logs the cosines after every epoch
+        fig, axes = plt.subplots(1, len(histories), figsize=(5.2 * len(histories), 4.0), squeeze=False)
+        for ax, (title, hist) in zip(axes[0], histories, strict=True):
+            for name, by_epoch in hist.items():
+                epochs = sorted(by_epoch)
+                ax.plot(epochs, [float(np.mean(by_epoch[e])) for e in epochs], label=name,
+                        linestyle="-" if name.startswith("general-specific") else "--")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("mean cosine similarity")
+            ax.set_ylim(0, 1.05)
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle("Disentanglement during training, after every epoch (mean over the seeds)\n"
+                     "solid: general vs specific (lower = more disentangled); dashed: general across modalities "
+                     "(higher = more shared)", fontsize=10)
+        paths.append(save_figure(fig, ctx.out / f"{stem}_cosines_training.png"))
     return paths
+
+
+def _cosine_history(ctx: Context, cells: Sequence[Cell]) -> dict[str, dict[int, list[float]]]:
+    """The cosines DGMRec logs after every epoch (``cos <name>`` keys of ``log.jsonl``): name -> epoch -> values
+    over ``cells``; empty for runs trained before the cosines were logged."""
+    from dgmrec.models.dgmrec import COSINE_LOG_PREFIX
+
+    out: dict[str, dict[int, list[float]]] = {}
+    for c in cells:
+        log = ctx.folder(c.key) / "log.jsonl"
+        if not log.is_file():
+            continue
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            for k, v in entry.items():
+                if k.startswith(COSINE_LOG_PREFIX):
+                    out.setdefault(k[len(COSINE_LOG_PREFIX):], {}).setdefault(int(entry["epoch"]), []).append(float(v))
+    return out
 
 
 def _tsne_figure(plt: Any, ctx: Context, cell: Cell, title: str, path: Path) -> Path:
