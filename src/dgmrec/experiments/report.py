@@ -653,9 +653,8 @@ def build_disentanglement(ctx: Context, a: Analysis, stem: str) -> list[Path]:
         ax.set_title("General vs specific features (encoder outputs)")
         ax.legend(fontsize=8)
         paths.append(save_figure(fig, ctx.out / f"{stem}_cosines.png"))
-    histories = [(title, _cosine_history(ctx, [c for c, _ in col])) for col, title in zip(columns, header[1:],
-                                                                                         strict=True)]
-    histories = [(title, h) for title, h in histories if h]
+    histories = [(title, h) for col, title in zip(columns, header[1:], strict=True)
+                 if (h := _cosine_history(ctx, [c for c, _ in col]))]
     if histories:  # runs trained since DGMRec logs the cosines after every epoch
         fig, axes = plt.subplots(1, len(histories), figsize=(5.2 * len(histories), 4.0), squeeze=False)
         for ax, (title, hist) in zip(axes[0], histories, strict=True):
@@ -676,6 +675,14 @@ def build_disentanglement(ctx: Context, a: Analysis, stem: str) -> list[Path]:
     return paths
 
 
+def _run_log(folder: Path) -> list[dict[str, Any]]:
+    """A run's per-epoch log (``log.jsonl``), empty when it has none."""
+    path = folder / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _cosine_history(ctx: Context, cells: Sequence[Cell]) -> dict[str, dict[int, list[float]]]:
     """The cosines DGMRec logs after every epoch (``cos <name>`` keys of ``log.jsonl``): name -> epoch -> values
     over ``cells``; empty for runs trained before the cosines were logged."""
@@ -683,11 +690,7 @@ def _cosine_history(ctx: Context, cells: Sequence[Cell]) -> dict[str, dict[int, 
 
     out: dict[str, dict[int, list[float]]] = {}
     for c in cells:
-        log = ctx.folder(c.key) / "log.jsonl"
-        if not log.is_file():
-            continue
-        for line in log.read_text().splitlines():
-            entry = json.loads(line)
+        for entry in _run_log(ctx.folder(c.key)):
             for k, v in entry.items():
                 if k.startswith(COSINE_LOG_PREFIX):
                     out.setdefault(k[len(COSINE_LOG_PREFIX):], {}).setdefault(int(entry["epoch"]), []).append(float(v))
@@ -719,16 +722,9 @@ def _tsne_figure(plt: Any, ctx: Context, cell: Cell, title: str, path: Path) -> 
 def _epoch_times(ctx: Context, key: str, res: Mapping[str, Any]) -> tuple[float, float]:
     """Median seconds per training epoch and per evaluation of a run, from its per-epoch log (``log.jsonl``);
     the run summary's values where the log has none."""
-    train: list[float] = []
-    evals: list[float] = []
-    log = ctx.folder(key) / "log.jsonl"
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            entry = json.loads(line) if line.strip() else {}
-            if "train_seconds" in entry:
-                train.append(float(entry["train_seconds"]))
-            if "eval_seconds" in entry:
-                evals.append(float(entry["eval_seconds"]))
+    log = _run_log(ctx.folder(key))
+    train = [float(e["train_seconds"]) for e in log if "train_seconds" in e]
+    evals = [float(e["eval_seconds"]) for e in log if "eval_seconds" in e]
     return (float(np.median(train)) if train else float(res["seconds_per_epoch"]),
             float(np.median(evals)) if evals else float(res["seconds_per_evaluation"]))
 

@@ -472,8 +472,8 @@ class DGMRec(Recommender):
         random stream is touched, so training is the same with or without them)."""
         with torch.no_grad():
             parts = [self.encode(j) for j in range(self.M)]
-        cosines = disentanglement_cosines([g for g, _ in parts], [s for _, s in parts],
-                                          torch.as_tensor(self.observed_np), self.modalities)
+        cosines = disentanglement_cosines([g for g, _ in parts], [s for _, s in parts], self.observed,
+                                          self.modalities)
         return {f"{COSINE_LOG_PREFIX}{name}": value for name, (value, _) in cosines.items()}
 
     def before_evaluation(self, epoch: int) -> None:
