@@ -387,3 +387,32 @@ def test_help_shows_flags_without_a_value(capsys, command):
     code, out, _ = run_cli([*command, "--help"], capsys)
     assert code == 0 and "--help" in out
     assert "<bool>" not in out and "BOOLEAN" not in out
+
+
+def test_make_new_items_counts_only_drawn_items_with_training_rows(tmp_path, capsys):
+    import re
+    from dataclasses import replace
+
+    from dgmrec.data.masks import draw_new_items
+    from dgmrec.data.mmrec import load_mmrec
+
+    ds = make_synthetic(n_users=120, n_items=80, interactions_per_user=10, seed=3, name="gap")
+    no_train = np.arange(30)  # items without any training row: a draw may pick them, but they are no new items
+    ds = replace(ds, train=ds.train[~np.isin(ds.train[:, 1], no_train)])
+    drawn_only, with_file = tmp_path / "a" / "gap", tmp_path / "b" / "gap"
+    write_mmrec(ds, drawn_only)
+    write_mmrec(ds, with_file)
+    code, out, _ = run_cli(["data", "make-new-items", str(with_file), "--out", str(with_file / "gap_new_items.inter")],
+                           capsys)
+    assert code == 0
+    drawn_n, new_n, removed = map(int, re.search(r"(\d+) items drawn, (\d+) of them .* (\d+) training rows removed",
+                                                 " ".join(out.split())).groups())
+    counts = np.bincount(ds.train[:, 1], minlength=ds.n_items)
+    drawn = draw_new_items(counts)  # the command's default seed, the loader's too
+    assert drawn_n == drawn.sum() and new_n == np.count_nonzero(drawn & (counts > 0)) < drawn_n
+    assert removed == np.isin(ds.train[:, 1], np.flatnonzero(drawn)).sum()
+    from_file, drawn_here = (load_mmrec(f, setting="new-items") for f in (with_file, drawn_only))
+    assert from_file.new_items.sum() == new_n
+    np.testing.assert_array_equal(drawn_here.new_items, from_file.new_items)
+    np.testing.assert_array_equal(np.sort(drawn_here.test, axis=0), np.sort(from_file.test, axis=0))
+    assert not np.isin(from_file.train[:, 1], np.flatnonzero(from_file.new_items)).any()

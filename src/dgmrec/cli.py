@@ -476,10 +476,13 @@ def data_make_new_items(
 
     ds = api.load_dataset(folder)
     counts = np.bincount(ds.train[:, 1], minlength=ds.n_items)
-    new = draw_new_items(counts, fraction=fraction, seed=seed)
-    keep = ~new[ds.train[:, 1]]
+    drawn = draw_new_items(counts, fraction=fraction, seed=seed)
+    keep = ~drawn[ds.train[:, 1]]
     write_inter(out, (ds.train[keep], ds.valid, ds.test))
-    console.print(f"{int(new.sum())} new items; {int((~keep).sum())} training rows removed; written to {out}")
+    # a drawn item without training rows has nothing to remove: it is no new item of the split
+    n_new = int(np.count_nonzero(drawn & (counts > 0)))
+    console.print(f"{int(drawn.sum())} items drawn, {n_new} of them with training rows are the new items; "
+                  f"{int((~keep).sum())} training rows removed; written to {out}")
 
 
 @data_app.command("import")

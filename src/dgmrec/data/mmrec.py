@@ -278,8 +278,11 @@ def make_new_item_split(ds: RecDataset, new_items: np.ndarray, *, train: np.ndar
     """Move every training interaction of ``new_items`` to the test set (reference new-item protocol).
 
     Validation interactions of new items stay in validation, as in the reference. The reported test set is the
-    original test plus the removed training rows; ``test_new_only`` keeps the test rows on new items.
+    original test plus the removed training rows; ``test_new_only`` keeps the test rows on new items. A drawn
+    item without training rows is no new item (nothing distinguishes it from any other item that never had
+    any): the new items are the same whether the split is drawn here or read from a ``_new_items`` file.
     """
+    new_items = np.asarray(new_items, dtype=bool) & (np.bincount(ds.train[:, 1], minlength=ds.n_items) > 0)
     is_new_row = new_items[ds.train[:, 1]]
     removed = ds.train[is_new_row]
     kept = ds.train[~is_new_row] if train is None else train
