@@ -223,6 +223,31 @@ def test_overall_table_holds_seed_means_and_the_improvement(done_study):
     assert float(rows["Improv."]["small R@20"]) == pytest.approx((best - second) / second * 100, abs=1e-3)
 
 
+def test_ablation_rows_hold_the_change_and_the_paired_test_against_the_full_model(done_study):
+    from scipy.stats import wilcoxon
+
+    study, _, _ = done_study
+    plan = st.plan_study(study, write=False)
+    label = next(a.label for a in study.analyses if a.kind == "ablation")
+    folders = {c.value: plan.runs[c.key].folder(study.store) for c in plan.cells if c.group == label}
+    rows = {r["Variant"]: r for r in _csv(study.report / "ablation.csv")}
+
+    def per_user(folder):
+        table = pd.read_csv(folder / "per_user_test.csv")
+        return dict(zip(table["user"], table["recall@20"], strict=True))
+
+    full, variant = per_user(folders["DGMRec"]), per_user(folders["w/o Alignment"])
+    users = sorted(set(full) & set(variant))
+    a, b = np.array([variant[u] for u in users]), np.array([full[u] for u in users])
+    assert np.any(a != b)
+    test = {v: json.loads((f / "results.json").read_text())["test"]["recall@20"] for v, f in folders.items()}
+    row = rows["w/o Alignment"]
+    assert float(row["small R@20 change"]) == pytest.approx(
+        (test["w/o Alignment"] - test["DGMRec"]) / test["DGMRec"] * 100, abs=1e-3)
+    assert float(row["small R@20 p (users)"]) == pytest.approx(wilcoxon(a, b).pvalue, rel=1e-4)
+    assert rows["DGMRec (full)"]["small R@20 change"] == rows["DGMRec (full)"]["small R@20 p (users)"] == ""
+
+
 # -------------------------------------------------------------------------------------- by missing level
 def test_grouped_recall_by_hand():
     # items 0..5 with groups; user 10 ranks [0, 1, 2], user 11 ranks [3, 4, 5]

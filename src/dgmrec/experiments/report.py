@@ -504,17 +504,31 @@ def build_ablation(ctx: Context, a: Analysis, stem: str) -> list[Path]:
     cells = _param_cells(ctx, a)
     variants = ["DGMRec", *o["variants"]]
     datasets = list(dict.fromkeys(c.dataset for c in cells))
-    header = ["Variant"] + [f"{d} {_short(m)}" for d in datasets for m in o["metrics"]]
+    header = ["Variant"] + [f"{d} {_short(m)}{part}" for d in datasets for m in o["metrics"]
+                            for part in ("", " change", " p (users)")]
     body = []
     for v in variants:
         label = "DGMRec (full)" if v == "DGMRec" else v
-        body.append([label] + [ctx.stat([c for c in cells if c.value == v and c.dataset == d], "test", m)
-                               for d in datasets for m in o["metrics"]])
+        row: list[Any] = [label]
+        for d in datasets:
+            mine = [c for c in cells if c.value == v and c.dataset == d]
+            full = [c for c in cells if c.value == "DGMRec" and c.dataset == d]
+            for m in o["metrics"]:
+                st, base = ctx.stat(mine, "test", m), ctx.stat(full, "test", m)
+                if v == "DGMRec" or st is None or base is None:
+                    row += [st, None, None]
+                    continue
+                ua, ub = an.paired_user_vectors([ctx.folder(c.key) for c in mine if ctx.results(c.key)],
+                                                [ctx.folder(c.key) for c in full if ctx.results(c.key)], "test", m)
+                row += [st, Percent(an.improvement(st.mean, base.mean)), PValue(an.wilcoxon_users(ua, ub))]
+        body.append(row)
     overrides = "; ".join(f"{name}: " + ", ".join(f"{k}={val}" for k, val in over.items())
                           for name, over in _ablation_overrides(o["variants"]).items())
     caption = (f"{o['model']} variants with parts switched off ({overrides}). A switch that the base configuration "
-               f"already sets to 0 leaves that variant equal to the full model. {_seed_note(ctx, cells)}. "
-               f"{selection_note(ctx.valid_metric)}")
+               f"already sets to 0 leaves that variant equal to the full model. change: the variant's test metric "
+               f"against the full model's, in % of the latter; p (users): two-sided Wilcoxon signed-rank test over "
+               f"users of the per-user test metric (averaged over seeds), variant against full model. "
+               f"{_seed_note(ctx, cells)}. {selection_note(ctx.valid_metric)}")
     t = Table(name=stem, title=f"Ablation of {o['model']}", caption=caption, header=header, rows=body)
     return write_table(t, ctx.out)
 
