@@ -332,6 +332,33 @@ def test_cold_start_table_holds_each_split_of_the_runs(tmp_path, data_dir):
         assert [float(v) for v in body[model]] == pytest.approx(expected, abs=5e-5)
 
 
+def test_missing_ratio_table_compares_the_focus_model_with_the_best_other_at_each_ratio(tmp_path, data_dir):
+    from scipy.stats import wilcoxon
+
+    models = ["LightGCN", "MFBPR", "VBPR"]
+    path = _study_file(tmp_path, data_dir, models=[], seeds=[1], analyses=[
+        {"kind": "missing_ratio", "dataset": "small", "ratios": [0.0, 0.5], "models": models, "focus": "MFBPR"}])
+    study = st.load_study(path)
+    st.run_study(study, progress=False)
+    rp.build_report(study)
+    rows = {r[0]: r[1:] for r in csv.reader((study.report / "missing_ratio_R20_absolute.csv").read_text().splitlines())}
+    header = rows.pop("Model")
+    plan = st.plan_study(study, write=False)
+    for ratio in (0.0, 0.5):
+        folders = {c.model: plan.runs[c.key].folder(study.store) for c in plan.cells
+                   if c.group != "main" and float(c.value) == ratio}
+        test = {m: json.loads((f / "results.json").read_text())["test"]["recall@20"] for m, f in folders.items()}
+        best = max((m for m in models if m != "MFBPR"), key=test.__getitem__)
+        j = header.index(f"{ratio:.0%}")
+        assert float(rows["Improv. (MFBPR over the best other)"][j]) == pytest.approx(
+            (test["MFBPR"] - test[best]) / test[best] * 100, abs=1e-3)
+        mine, other = (pd.read_csv(folders[m] / "per_user_test.csv").set_index("user")["recall@20"]
+                       for m in ("MFBPR", best))
+        users = mine.index.intersection(other.index).sort_values()
+        assert float(rows["p (users, Wilcoxon)"][j]) == pytest.approx(
+            wilcoxon(mine[users], other[users]).pvalue, rel=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ significance
 def test_significance_tests_by_hand():
     # every one of 5 differences positive: exact two-sided Wilcoxon p = 2 / 2^5

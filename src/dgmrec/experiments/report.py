@@ -469,7 +469,25 @@ def build_missing_ratio(ctx: Context, a: Analysis, stem: str) -> list[Path]:
             base = absolute[m][0].mean if ratios and ratios[0] == 0.0 and absolute[m][0] else float("nan")
             drops[m] = [an.relative_drop(base, st.mean) if st else float("nan") for st in absolute[m]]
         header = ["Model"] + [f"{r:.0%}" for r in ratios]
-        body_abs = [[m, *absolute[m]] for m in models]
+        body_abs: list[list[Any]] = [[m, *absolute[m]] for m in models]
+        focus = o["focus"]
+        if focus in models and len(models) > 1:
+            improv: list[Any] = [f"Improv. ({focus} over the best other)"]
+            p_users: list[Any] = ["p (users, Wilcoxon)"]
+            for j, r in enumerate(ratios):
+                means = {m: st.mean for m in models if (st := absolute[m][j]) is not None}
+                others = [m for m in means if m != focus]
+                if focus not in means or not others:
+                    improv.append(None)
+                    p_users.append(None)
+                    continue
+                best = max(others, key=means.__getitem__)
+                improv.append(Percent(an.improvement(means[focus], means[best])))
+                runs = {m: [ctx.folder(c.key) for c in cells if c.model == m and float(c.value) == r
+                            and ctx.results(c.key)] for m in (focus, best)}
+                ua, ub = an.paired_user_vectors(runs[focus], runs[best], "test", metric)
+                p_users.append(PValue(an.wilcoxon_users(ua, ub)))
+            body_abs += [improv, p_users]
         body_drop = [[m, *[Percent(v) for v in drops[m]]] for m in models]
         note = (f"Dataset {o['dataset']} ({o['setting']} setting); masks regenerated at each ratio with seed "
                 f"{o['mask_seed']} (new-item strata seed {o['new_item_seed']}) and shared by all models; training "

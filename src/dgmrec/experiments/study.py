@@ -89,7 +89,7 @@ _ANALYSES: dict[str, dict[str, Any]] = {
     "cold_start": {"metrics": ["recall@20"], "datasets": _LIST, "models": _LIST, "variants": _LIST},
     "missing_ratio": {"dataset": "", "setting": "missing", "ratios": [0.0, 0.2, 0.4, 0.6, 0.8],
                       "mask_seed": 1225, "new_item_seed": 1111, "models": _LIST, "seed": -1, "variant": "",
-                      "metrics": ["recall@20", "ndcg@20"]},
+                      "metrics": ["recall@20", "ndcg@20"], "focus": "DGMRec"},
     "ablation": {"model": "DGMRec", "datasets": _LIST, "variants": list(ABLATIONS), "seeds": _LIST, "base": "",
                  "metrics": ["recall@20", "ndcg@20"]},
     "sensitivity": {"model": "DGMRec", "datasets": _LIST, "params": SENSITIVITY_GRID, "seeds": _LIST, "base": "",
