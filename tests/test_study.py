@@ -359,6 +359,26 @@ def test_missing_ratio_table_compares_the_focus_model_with_the_best_other_at_eac
             wilcoxon(mine[users], other[users]).pvalue, rel=1e-4)
 
 
+def test_sensitivity_table_adds_the_base_configuration_when_its_value_is_off_the_grid(tmp_path, data_dir):
+    path = _study_file(tmp_path, data_dir, models=[], seeds=[1], analyses=[
+        {"kind": "sensitivity", "params": {"lambda1": [0.1], "alpha": [0.8, 0.2]}}])
+    study = st.load_study(path)
+    out = st.run_study(study, progress=False)
+    assert len(out.trained) == 3  # base (lambda1 = 0.01, alpha = 0.8), lambda1 = 0.1, alpha = 0.2
+    rp.build_report(study)
+    plan = st.plan_study(study, write=False)
+    base = next(c for c in plan.cells if c.param == "base")
+    assert plan.runs[base.key].config["sampler"] == plan.runs[base.key].config["interModal"] == 0.01
+    results = json.loads((plan.runs[base.key].folder(study.store) / "results.json").read_text())
+    base_recall = results["test"]["recall@20"]
+    lambda1 = {r[0]: r[1] for r in csv.reader((study.report / "sensitivity_lambda1.csv").read_text().splitlines())}
+    assert list(lambda1) == ["lambda1", "0.01 (base)", "0.1"]
+    assert float(lambda1["0.01 (base)"]) == pytest.approx(base_recall, abs=1e-6)
+    # the base value is on the alpha grid: its row is the grid's own, no extra row
+    alpha = [r[0] for r in csv.reader((study.report / "sensitivity_alpha.csv").read_text().splitlines())]
+    assert alpha == ["alpha", "0.2", "0.8"]
+
+
 # ------------------------------------------------------------------------------------------ significance
 def test_significance_tests_by_hand():
     # every one of 5 differences positive: exact two-sided Wilcoxon p = 2 / 2^5

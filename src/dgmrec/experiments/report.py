@@ -563,12 +563,27 @@ def build_sensitivity(ctx: Context, a: Analysis, stem: str) -> list[Path]:
     cells = _param_cells(ctx, a)
     datasets = list(dict.fromkeys(c.dataset for c in cells))
     paths: list[Path] = []
+    base_cells = [c for c in cells if c.param == "base"]
     for param, values in o["params"].items():
         keys = SENSITIVITY_KEYS.get(param, (param,))
         vals = sorted({float(v) for v in values})
         header = [param] + [f"{d} {_short(m)}" for d in datasets for m in o["metrics"]]
         body = []
         series: dict[tuple[str, str], list[float]] = {}
+        # the base configuration's own value of the swept keys; a row of its own when the grid lacks it
+        base_values = {float(ctx.plan.runs[c.key].config[k]) for c in base_cells for k in keys}
+        single = base_values.pop() if len(base_values) == 1 else None
+        base_label = (f"{single:g} (base)" if single is not None else "base (" + ", ".join(
+            f"{k}={ctx.plan.runs[base_cells[0].key].config[k]}" for k in keys) + ")") if base_cells else ""
+        base_line: dict[tuple[str, str], float] = {}
+        if base_cells and (single is None or single not in vals):
+            base_row: list[Any] = [base_label]
+            for d in datasets:
+                for m in o["metrics"]:
+                    st = ctx.stat([c for c in base_cells if c.dataset == d], "test", m)
+                    base_row.append(st)
+                    base_line[(d, m)] = st.mean if st else np.nan
+            body.append(base_row)
         for v in vals:
             row: list[Any] = [f"{v:g}"]
             for d in datasets:
@@ -578,8 +593,10 @@ def build_sensitivity(ctx: Context, a: Analysis, stem: str) -> list[Path]:
                     row.append(st)
                     series.setdefault((d, m), []).append(st.mean if st else np.nan)
             body.append(row)
-        caption = (f"{o['model']}: {param} sets {', '.join(keys)}; every other value as in the base configuration. "
-                   f"{_seed_note(ctx, cells)}. {selection_note(ctx.valid_metric)}")
+        base_note = (f" The row {base_label!r} is the base configuration itself (its own value lies outside the "
+                     f"grid; a dashed line in the figure)." if base_line else "")
+        caption = (f"{o['model']}: {param} sets {', '.join(keys)}; every other value as in the base configuration."
+                   f"{base_note} {_seed_note(ctx, cells)}. {selection_note(ctx.valid_metric)}")
         t = Table(name=f"{stem}_{param}", title=f"Sensitivity of {o['model']} to {param}", caption=caption,
                   header=header, rows=body)
         paths += write_table(t, ctx.out)
@@ -587,7 +604,11 @@ def build_sensitivity(ctx: Context, a: Analysis, stem: str) -> list[Path]:
         for i, m in enumerate(o["metrics"]):
             ax = axes[0][i]
             for d in datasets:
-                ax.plot(vals, series[(d, m)], marker="o", label=d)
+                line = ax.plot(vals, series[(d, m)], marker="o", label=d)[0]
+                if (d, m) in base_line:
+                    ax.axhline(base_line[(d, m)], color=line.get_color(), linestyle="--", linewidth=1,
+                               label=f"{d}: base ({param} = {single:g})" if single is not None
+                               else f"{d}: {base_label}")
             if param.startswith("lambda") and min(vals) > 0:
                 ax.set_xscale("log")
             ax.set_xlabel(f"{param} ({', '.join(keys)})")

@@ -690,6 +690,9 @@ def _plan_analysis(study: Study, planner: _Planner, a: Analysis) -> None:
                         planner.add(a.label, entry, setting, model, base.name, seed,
                                     {**base.overrides, **ABLATIONS[name]}, param="variant", value=name)
                 else:
+                    # the base configuration itself: the reference line of every sweep whose grid lacks its value
+                    planner.add(a.label, entry, setting, model, base.name, seed, base.overrides, param="base",
+                                value="base")
                     for param, values in o["params"].items():
                         keys = SENSITIVITY_KEYS.get(param, (param,))
                         for v in values:
