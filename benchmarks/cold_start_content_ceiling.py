@@ -29,12 +29,12 @@ from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from dgmrec import api
 from dgmrec.config import resolve_config
 from dgmrec.evaluation.protocol import Evaluator
+from dgmrec.graphs import normalized_adjacency
 from dgmrec.losses import ridge_fit
 from dgmrec.models import build_model
 
@@ -46,13 +46,6 @@ Score = Callable[[torch.Tensor], torch.Tensor]
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _graph(train: sp.csr_matrix) -> sp.csr_matrix:
-    """The symmetrically normalised user x item training matrix."""
-    du = np.maximum(np.asarray(train.sum(1)).ravel(), 1.0)
-    di = np.maximum(np.asarray(train.sum(0)).ravel(), 1.0)
-    return sp.csr_matrix(sp.diags(du ** -0.5) @ train @ sp.diags(di ** -0.5))
 
 
 def _zscored(scores: Score, cols: np.ndarray) -> Score:
@@ -96,21 +89,24 @@ def main() -> None:
     report("Content", content.score_users)
 
     # graph profiles: each modality block of the user profile mixed with its three-hop propagation
-    a = _graph(train)
+    a = normalized_adjacency(train, eps=None)[: ds.n_users, ds.n_users:]  # the user x item block
     items = content.item_content.numpy()
     plain = content.user_content.numpy()
     edges = np.cumsum([0] + [ds.features[m].shape[1] for m in content.content_modalities])
     blocks = [slice(int(lo), int(hi)) for lo, hi in pairwise(edges)]
     far = np.hstack([_unit(a @ (a.T @ (a @ items[:, b]))) for b in blocks])
-    best_beta, best_valid = 0.0, -1.0
-    for beta in BETAS:
+
+    def use_profiles(beta: float) -> None:
         mixed = np.hstack([_unit(plain[:, b] + beta * far[:, b]) for b in blocks])
         content.user_content = torch.as_tensor(mixed.astype(np.float32))
+
+    best_beta, best_valid = 0.0, -1.0
+    for beta in BETAS:
+        use_profiles(beta)
         r = report(f"Content, graph profile (beta={beta:g})", content.score_users)
         if r["valid_cold"] > best_valid:
             best_beta, best_valid = beta, r["valid_cold"]
-    mixed = np.hstack([_unit(plain[:, b] + best_beta * far[:, b]) for b in blocks])
-    content.user_content = torch.as_tensor(mixed.astype(np.float32))
+    use_profiles(best_beta)
     rows["Content, graph profile (chosen on valid_cold)"] = {**rows[f"Content, graph profile (beta={best_beta:g})"],
                                                              "beta": best_beta}
     graph_scores = content.score_users

@@ -472,17 +472,14 @@ def data_make_new_items(
 ) -> None:
     """Generate the new-item split: training rows of 20 % of the items (cold and warm) are removed."""
     from dgmrec.data.masks import draw_new_items
-    from dgmrec.data.mmrec import write_inter
+    from dgmrec.data.mmrec import make_new_item_split, write_inter
 
     ds = api.load_dataset(folder)
-    counts = np.bincount(ds.train[:, 1], minlength=ds.n_items)
-    drawn = draw_new_items(counts, fraction=fraction, seed=seed)
-    keep = ~drawn[ds.train[:, 1]]
-    write_inter(out, (ds.train[keep], ds.valid, ds.test))
-    # a drawn item without training rows has nothing to remove: it is no new item of the split
-    n_new = int(np.count_nonzero(drawn & (counts > 0)))
-    console.print(f"{int(drawn.sum())} items drawn, {n_new} of them with training rows are the new items; "
-                  f"{int((~keep).sum())} training rows removed; written to {out}")
+    drawn = draw_new_items(np.bincount(ds.train[:, 1], minlength=ds.n_items), fraction=fraction, seed=seed)
+    split = make_new_item_split(ds, drawn)  # decides which drawn items are new items
+    write_inter(out, (split.train, ds.valid, ds.test))
+    console.print(f"{int(drawn.sum())} items drawn, {int(split.new_items.sum())} of them with training rows are "
+                  f"the new items; {len(ds.train) - len(split.train)} training rows removed; written to {out}")
 
 
 @data_app.command("import")

@@ -227,9 +227,8 @@ def load_mmrec(
         if int(df_new["userID"].max()) >= n_users or int(df_new["itemID"].max()) >= n_items:
             raise DataError("ids out of the range of the main .inter file", source=str(new_path))
         new_train = pairs(df_new, 0)
-        counts_full = np.bincount(train[:, 1], minlength=n_items)
-        counts_new = np.bincount(new_train[:, 1], minlength=n_items)
-        new_items = (counts_full > 0) & (counts_new == 0)
+        # every item without training rows in the file; the split keeps those that have some in the main file
+        new_items = np.bincount(new_train[:, 1], minlength=n_items) == 0
         return make_new_item_split(ds, new_items, train=new_train, valid=pairs(df_new, 1))
     counts = np.bincount(train[:, 1], minlength=n_items)
     return make_new_item_split(ds, draw_new_items(counts, seed=new_item_seed))

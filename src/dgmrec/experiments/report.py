@@ -308,9 +308,7 @@ def build_overall(ctx: Context, a: Analysis, stem: str) -> list[Path]:
                 bold.add((best if top is None else top, j))
                 improv.append(Percent(an.improvement(body[best][j].mean, body[other][j].mean)))
                 ca, cb = cell_sets[rows[best][:2]][d], cell_sets[rows[other][:2]][d]
-                ua, ub = an.paired_user_vectors([ctx.folder(c.key) for c in ca if ctx.results(c.key)],
-                                                [ctx.folder(c.key) for c in cb if ctx.results(c.key)], split, met)
-                p_users.append(PValue(an.wilcoxon_users(ua, ub)))
+                p_users.append(_p_users(ctx, ca, cb, split, met))
                 sa, sb = _paired_seeds(ctx, ca, cb, split, met)
                 p_seeds.append(PValue(an.ttest_seeds(sa, sb)))
         body += [improv, p_users, p_seeds]
@@ -376,6 +374,13 @@ def _best_pair(means: list[tuple[float, int]], rows: Sequence[tuple[str, str, st
         best = ranked[0][1]
     others = [r for r in ranked if rows[r[1]][0] != rows[best][0]]
     return best, (others[0][1] if others else None)
+
+
+def _p_users(ctx: Context, cells_a: Sequence[Cell], cells_b: Sequence[Cell], split: str, metric: str) -> PValue:
+    """Two-sided Wilcoxon signed-rank p over users of two rows (each row's stored runs averaged over seeds)."""
+    ua, ub = an.paired_user_vectors([ctx.folder(c.key) for c in cells_a if ctx.results(c.key)],
+                                    [ctx.folder(c.key) for c in cells_b if ctx.results(c.key)], split, metric)
+    return PValue(an.wilcoxon_users(ua, ub))
 
 
 def _paired_seeds(ctx: Context, ca: Sequence[Cell], cb: Sequence[Cell], split: str, metric: str
@@ -483,10 +488,9 @@ def build_missing_ratio(ctx: Context, a: Analysis, stem: str) -> list[Path]:
                     continue
                 best = max(others, key=means.__getitem__)
                 improv.append(Percent(an.improvement(means[focus], means[best])))
-                runs = {m: [ctx.folder(c.key) for c in cells if c.model == m and float(c.value) == r
-                            and ctx.results(c.key)] for m in (focus, best)}
-                ua, ub = an.paired_user_vectors(runs[focus], runs[best], "test", metric)
-                p_users.append(PValue(an.wilcoxon_users(ua, ub)))
+                at = [c for c in cells if float(c.value) == r]
+                p_users.append(_p_users(ctx, [c for c in at if c.model == focus], [c for c in at if c.model == best],
+                                        "test", metric))
             body_abs += [improv, p_users]
         body_drop = [[m, *[Percent(v) for v in drops[m]]] for m in models]
         note = (f"Dataset {o['dataset']} ({o['setting']} setting); masks regenerated at each ratio with seed "
@@ -524,21 +528,20 @@ def build_ablation(ctx: Context, a: Analysis, stem: str) -> list[Path]:
     datasets = list(dict.fromkeys(c.dataset for c in cells))
     header = ["Variant"] + [f"{d} {_short(m)}{part}" for d in datasets for m in o["metrics"]
                             for part in ("", " change", " p (users)")]
+    full = {d: [c for c in cells if c.value == "DGMRec" and c.dataset == d] for d in datasets}
+    full_stats = {(d, m): ctx.stat(full[d], "test", m) for d in datasets for m in o["metrics"]}
     body = []
     for v in variants:
         label = "DGMRec (full)" if v == "DGMRec" else v
         row: list[Any] = [label]
         for d in datasets:
             mine = [c for c in cells if c.value == v and c.dataset == d]
-            full = [c for c in cells if c.value == "DGMRec" and c.dataset == d]
             for m in o["metrics"]:
-                st, base = ctx.stat(mine, "test", m), ctx.stat(full, "test", m)
+                st, base = ctx.stat(mine, "test", m), full_stats[(d, m)]
                 if v == "DGMRec" or st is None or base is None:
                     row += [st, None, None]
                     continue
-                ua, ub = an.paired_user_vectors([ctx.folder(c.key) for c in mine if ctx.results(c.key)],
-                                                [ctx.folder(c.key) for c in full if ctx.results(c.key)], "test", m)
-                row += [st, Percent(an.improvement(st.mean, base.mean)), PValue(an.wilcoxon_users(ua, ub))]
+                row += [st, Percent(an.improvement(st.mean, base.mean)), _p_users(ctx, mine, full[d], "test", m)]
         body.append(row)
     overrides = "; ".join(f"{name}: " + ", ".join(f"{k}={val}" for k, val in over.items())
                           for name, over in _ablation_overrides(o["variants"]).items())
@@ -573,8 +576,11 @@ def build_sensitivity(ctx: Context, a: Analysis, stem: str) -> list[Path]:
         # the base configuration's own value of the swept keys; a row of its own when the grid lacks it
         base_values = {float(ctx.plan.runs[c.key].config[k]) for c in base_cells for k in keys}
         single = base_values.pop() if len(base_values) == 1 else None
-        base_label = (f"{single:g} (base)" if single is not None else "base (" + ", ".join(
-            f"{k}={ctx.plan.runs[base_cells[0].key].config[k]}" for k in keys) + ")") if base_cells else ""
+        if single is not None:
+            base_label = f"{single:g} (base)"
+        else:  # the swept keys differ in the base configuration (or between datasets)
+            base_config = ctx.plan.runs[base_cells[0].key].config if base_cells else {}
+            base_label = "base (" + ", ".join(f"{k}={base_config.get(k)}" for k in keys) + ")"
         base_line: dict[tuple[str, str], float] = {}
         if base_cells and (single is None or single not in vals):
             base_row: list[Any] = [base_label]
