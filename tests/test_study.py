@@ -375,8 +375,26 @@ def test_sensitivity_table_adds_the_base_configuration_when_its_value_is_off_the
     assert list(lambda1) == ["lambda1", "0.01 (base)", "0.1"]
     assert float(lambda1["0.01 (base)"]) == pytest.approx(base_recall, abs=1e-6)
     # the base value is on the alpha grid: its row is the grid's own, no extra row
-    alpha = [r[0] for r in csv.reader((study.report / "sensitivity_alpha.csv").read_text().splitlines())]
-    assert alpha == ["alpha", "0.2", "0.8"]
+    alpha = {r[0]: r for r in csv.reader((study.report / "sensitivity_alpha.csv").read_text().splitlines())}
+    assert list(alpha) == ["alpha", "0.2", "0.8"]
+    # each row's paired test over users against the base configuration; none for the base itself
+    from scipy.stats import wilcoxon
+
+    lambda1_rows = {r[0]: r for r in csv.reader((study.report / "sensitivity_lambda1.csv").read_text().splitlines())}
+    p_col = lambda1_rows["lambda1"].index("small R@20 p (users)")
+    swept = next(c for c in plan.cells if c.param == "lambda1" and float(c.value) == 0.1)
+
+    def per_user(key):
+        table = pd.read_csv(plan.runs[key].folder(study.store) / "per_user_test.csv")
+        return dict(zip(table["user"], table["recall@20"], strict=True))
+
+    mine, ref = per_user(swept.key), per_user(base.key)
+    users = sorted(set(mine) & set(ref))
+    a, b = np.array([mine[u] for u in users]), np.array([ref[u] for u in users])
+    assert np.any(a != b)
+    assert float(lambda1_rows["0.1"][p_col]) == pytest.approx(wilcoxon(a, b).pvalue, rel=1e-4)
+    assert lambda1_rows["0.01 (base)"][p_col] == ""
+    assert alpha["0.8"][p_col] == ""  # the base configuration's own value on the grid
 
 
 # ------------------------------------------------------------------------------------------ significance

@@ -570,7 +570,8 @@ def build_sensitivity(ctx: Context, a: Analysis, stem: str) -> list[Path]:
     for param, values in o["params"].items():
         keys = SENSITIVITY_KEYS.get(param, (param,))
         vals = sorted({float(v) for v in values})
-        header = [param] + [f"{d} {_short(m)}" for d in datasets for m in o["metrics"]]
+        header = [param] + [f"{d} {_short(m)}{part}" for d in datasets for m in o["metrics"]
+                            for part in ("", " p (users)")]
         body = []
         series: dict[tuple[str, str], list[float]] = {}
         # the base configuration's own value of the swept keys; a row of its own when the grid lacks it
@@ -587,22 +588,27 @@ def build_sensitivity(ctx: Context, a: Analysis, stem: str) -> list[Path]:
             for d in datasets:
                 for m in o["metrics"]:
                     st = ctx.stat([c for c in base_cells if c.dataset == d], "test", m)
-                    base_row.append(st)
+                    base_row += [st, None]
                     base_line[(d, m)] = st.mean if st else np.nan
             body.append(base_row)
         for v in vals:
             row: list[Any] = [f"{v:g}"]
             for d in datasets:
+                mine = [c for c in cells if c.param == param and c.value == v and c.dataset == d]
+                base_d = [c for c in base_cells if c.dataset == d]
                 for m in o["metrics"]:
-                    st = ctx.stat([c for c in cells if c.param == param and c.value == v and c.dataset == d],
-                                  "test", m)
-                    row.append(st)
+                    st = ctx.stat(mine, "test", m)
+                    # the base configuration's own value on the grid is the same run: its p is empty (nan)
+                    p_base = None if st is None or not base_d else _p_users(ctx, mine, base_d, "test", m)
+                    row += [st, p_base]
                     series.setdefault((d, m), []).append(st.mean if st else np.nan)
             body.append(row)
         base_note = (f" The row {base_label!r} is the base configuration itself (its own value lies outside the "
                      f"grid; a dashed line in the figure)." if base_line else "")
         caption = (f"{o['model']}: {param} sets {', '.join(keys)}; every other value as in the base configuration."
-                   f"{base_note} {_seed_note(ctx, cells)}. {selection_note(ctx.valid_metric)}")
+                   f"{base_note} p (users): two-sided Wilcoxon signed-rank test over users of the per-user test "
+                   f"metric (averaged over seeds), the row against the base configuration. "
+                   f"{_seed_note(ctx, cells)}. {selection_note(ctx.valid_metric)}")
         t = Table(name=f"{stem}_{param}", title=f"Sensitivity of {o['model']} to {param}", caption=caption,
                   header=header, rows=body)
         paths += write_table(t, ctx.out)
