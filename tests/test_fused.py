@@ -182,6 +182,7 @@ def test_kernels_under_bf16_autocast_multiply_in_bfloat16_and_stay_close(monkeyp
     within bfloat16 rounding of the float32 reference and come back in float32."""
     for cls in (fused._CosineNCE, fused._TripleNCE, fused._LinearMSE):
         monkeypatch.setattr(cls, "block", 16)
+    monkeypatch.setattr(fused._CosineNCE, "block_low", 16)
     name, kernel, reference, inputs, dtype = _kernel_cases()[case]
     seen: list[torch.dtype | None] = []
     low = fused._low
