@@ -202,6 +202,13 @@ def test_report_reads_the_store_alone_and_is_byte_for_byte_repeatable(done_study
     assert re.fullmatch(r"2( ± 0)?", row[3].strip()) and re.match(r"\d+\.\d{3}( |$)", row[1].strip())
 
 
+def _paired_test_recall(folder_a: Path, folder_b: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The per-user test Recall@20 of two run folders over their common users."""
+    a, b = (pd.read_csv(f / "per_user_test.csv").set_index("user")["recall@20"] for f in (folder_a, folder_b))
+    users = sorted(set(a.index) & set(b.index))
+    return a.loc[users].to_numpy(), b.loc[users].to_numpy()
+
+
 def _csv(path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(path.read_text())))
 
@@ -232,13 +239,7 @@ def test_ablation_rows_hold_the_change_and_the_paired_test_against_the_full_mode
     folders = {c.value: plan.runs[c.key].folder(study.store) for c in plan.cells if c.group == label}
     rows = {r["Variant"]: r for r in _csv(study.report / "ablation.csv")}
 
-    def per_user(folder):
-        table = pd.read_csv(folder / "per_user_test.csv")
-        return dict(zip(table["user"], table["recall@20"], strict=True))
-
-    full, variant = per_user(folders["DGMRec"]), per_user(folders["w/o Alignment"])
-    users = sorted(set(full) & set(variant))
-    a, b = np.array([variant[u] for u in users]), np.array([full[u] for u in users])
+    a, b = _paired_test_recall(folders["w/o Alignment"], folders["DGMRec"])
     assert np.any(a != b)
     test = {v: json.loads((f / "results.json").read_text())["test"]["recall@20"] for v, f in folders.items()}
     row = rows["w/o Alignment"]
@@ -352,11 +353,8 @@ def test_missing_ratio_table_compares_the_focus_model_with_the_best_other_at_eac
         j = header.index(f"{ratio:.0%}")
         assert float(rows["Improv. (MFBPR over the best other)"][j]) == pytest.approx(
             (test["MFBPR"] - test[best]) / test[best] * 100, abs=1e-3)
-        mine, other = (pd.read_csv(folders[m] / "per_user_test.csv").set_index("user")["recall@20"]
-                       for m in ("MFBPR", best))
-        users = mine.index.intersection(other.index).sort_values()
-        assert float(rows["p (users, Wilcoxon)"][j]) == pytest.approx(
-            wilcoxon(mine[users], other[users]).pvalue, rel=1e-4)
+        mine, other = _paired_test_recall(folders["MFBPR"], folders[best])
+        assert float(rows["p (users, Wilcoxon)"][j]) == pytest.approx(wilcoxon(mine, other).pvalue, rel=1e-4)
 
 
 def test_sensitivity_table_adds_the_base_configuration_when_its_value_is_off_the_grid(tmp_path, data_dir):
@@ -383,14 +381,7 @@ def test_sensitivity_table_adds_the_base_configuration_when_its_value_is_off_the
     lambda1_rows = {r[0]: r for r in csv.reader((study.report / "sensitivity_lambda1.csv").read_text().splitlines())}
     p_col = lambda1_rows["lambda1"].index("small R@20 p (users)")
     swept = next(c for c in plan.cells if c.param == "lambda1" and float(c.value) == 0.1)
-
-    def per_user(key):
-        table = pd.read_csv(plan.runs[key].folder(study.store) / "per_user_test.csv")
-        return dict(zip(table["user"], table["recall@20"], strict=True))
-
-    mine, ref = per_user(swept.key), per_user(base.key)
-    users = sorted(set(mine) & set(ref))
-    a, b = np.array([mine[u] for u in users]), np.array([ref[u] for u in users])
+    a, b = _paired_test_recall(plan.runs[swept.key].folder(study.store), plan.runs[base.key].folder(study.store))
     assert np.any(a != b)
     assert float(lambda1_rows["0.1"][p_col]) == pytest.approx(wilcoxon(a, b).pvalue, rel=1e-4)
     assert lambda1_rows["0.01 (base)"][p_col] == ""

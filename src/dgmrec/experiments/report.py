@@ -567,6 +567,7 @@ def build_sensitivity(ctx: Context, a: Analysis, stem: str) -> list[Path]:
     datasets = list(dict.fromkeys(c.dataset for c in cells))
     paths: list[Path] = []
     base_cells = [c for c in cells if c.param == "base"]
+    base_of = {d: [c for c in base_cells if c.dataset == d] for d in datasets}
     for param, values in o["params"].items():
         keys = SENSITIVITY_KEYS.get(param, (param,))
         vals = sorted({float(v) for v in values})
@@ -587,7 +588,7 @@ def build_sensitivity(ctx: Context, a: Analysis, stem: str) -> list[Path]:
             base_row: list[Any] = [base_label]
             for d in datasets:
                 for m in o["metrics"]:
-                    st = ctx.stat([c for c in base_cells if c.dataset == d], "test", m)
+                    st = ctx.stat(base_of[d], "test", m)
                     base_row += [st, None]
                     base_line[(d, m)] = st.mean if st else np.nan
             body.append(base_row)
@@ -595,11 +596,10 @@ def build_sensitivity(ctx: Context, a: Analysis, stem: str) -> list[Path]:
             row: list[Any] = [f"{v:g}"]
             for d in datasets:
                 mine = [c for c in cells if c.param == param and c.value == v and c.dataset == d]
-                base_d = [c for c in base_cells if c.dataset == d]
                 for m in o["metrics"]:
                     st = ctx.stat(mine, "test", m)
                     # the base configuration's own value on the grid is the same run: its p is empty (nan)
-                    p_base = None if st is None or not base_d else _p_users(ctx, mine, base_d, "test", m)
+                    p_base = None if st is None or not base_of[d] else _p_users(ctx, mine, base_of[d], "test", m)
                     row += [st, p_base]
                     series.setdefault((d, m), []).append(st.mean if st else np.nan)
             body.append(row)
