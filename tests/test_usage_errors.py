@@ -62,6 +62,11 @@ CASES = [
     ("out-of-range-k", ["recommend", "--run", "{run}", "--k", "0"], ["--k", "at least 1"]),
     ("out-of-range-ratio", ["data", "make-mask", "{folder}", "--ratio", "1.5", "--out", "{tmp}/m.npz"],
      ["ratio", "[0, 1]"]),
+    # options that feed a configuration key are named as the option, not as a --set override
+    ("out-of-range-threads", ["train", "--model", "MFBPR", "--data", "{folder}", "--out", "{tmp}/r", "--threads",
+                              "-1"], ["'--threads'", "0"]),
+    ("unknown-precision", ["train", "--model", "MFBPR", "--data", "{folder}", "--out", "{tmp}/r", "--precision",
+                           "fp8"], ["--precision", "'fp8'", "bf16"]),
 ]
 
 

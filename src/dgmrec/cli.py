@@ -91,7 +91,7 @@ def train(
     no_best: Annotated[bool, typer.Option("--no-best", help="Ignore the shipped per-dataset best config.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     threads: Annotated[int | None, typer.Option(
-        "--threads", help="CPU threads of PyTorch (config key threads; 0 = PyTorch's default).")] = None,
+        "--threads", min=0, help="CPU threads of PyTorch (config key threads; 0 = PyTorch's default).")] = None,
     precision: Annotated[str | None, typer.Option(
         "--precision", help="Training precision: fp32, bf16 or fp16 (CUDA) (config key precision).")] = None,
 ) -> None:
@@ -101,8 +101,11 @@ def train(
 
     Started by torchrun, every process trains its share of each batch (docs/distributed.md).
     """
-    from dgmrec.config import parse_set
+    from dgmrec.config import CHOICES, parse_set
 
+    if precision is not None and precision not in CHOICES["precision"]:
+        raise InputError(f"unknown precision {precision!r}; known: {', '.join(CHOICES['precision'])}",
+                         source="--precision")
     overrides = parse_set(set_ or [])
     overrides.update({k: v for k, v in (("threads", threads), ("precision", precision)) if v is not None})
     spec = api.DatasetSpec(data, modalities=modalities, mask=mask, mask_letters=mask_letters, setting=setting)
