@@ -389,6 +389,14 @@ def test_help_shows_flags_without_a_value(capsys, command):
     assert "<bool>" not in out and "BOOLEAN" not in out
 
 
+@pytest.mark.parametrize(("command", "default"), [(["add-items"], "RUN/added_items"), (["recommend"], "print"),
+                                                  (["study", "run"], "the study's")])
+def test_help_keeps_the_defaults_written_in_option_texts(capsys, command, default):
+    # the help is rendered as rich markup: a "[default: ...]" written in an option's text would vanish
+    code, out, _ = run_cli([*command, "--help"], capsys)
+    assert code == 0 and f"(default: {default})" in " ".join(out.replace("│", " ").split())
+
+
 def test_make_new_items_counts_only_drawn_items_with_training_rows(tmp_path, capsys):
     import re
     from dataclasses import replace

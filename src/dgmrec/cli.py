@@ -172,10 +172,10 @@ def recommend(
     k: Annotated[int, typer.Option("--k", help="Items per user.")] = 10,
     users: Annotated[str | None, typer.Option(
         "--users", help="Users to recommend to: comma-separated ids (user_0,user_7) or a file with one id per "
-                        "line [default: every user].")] = None,
+                        "line (default: every user).")] = None,
     exclude: Annotated[str, typer.Option("--exclude",
                                          help="train (the protocol's mask), seen (any split) or none.")] = "seen",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV file to write [default: print].")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV file to write (default: print).")] = None,
     internal_ids: Annotated[bool, typer.Option(
         "--internal-ids", help="Users and items as internal indices instead of the dataset's original ids.")] = False,
     device: DeviceOpt = "cpu",
@@ -208,8 +208,8 @@ def generate(
 def retrieval(
     run: Annotated[Path, typer.Option("--run", help="Run directory of DGMRec.")],
     truth: Annotated[Path | None, typer.Option(
-        "--truth", help="Folder with the true <modality>_feat.npy files [default: the run's own dataset, whose "
-                        "masked rows still hold their features].")] = None,
+        "--truth", help="Folder with the true <modality>_feat.npy files (default: the run's own dataset, whose "
+                        "masked rows still hold their features).")] = None,
     nn_k: Annotated[int, typer.Option("--nn-k", help="Neighbours of the NN-imputation baseline.")] = 10,
     similarity: Annotated[str, typer.Option(
         "--similarity", help="cosine, or centered (cosine after removing the observed mean feature).")] = "cosine",
@@ -248,7 +248,7 @@ def add_items(
         "--features", help="Folder of <modality>.npy (or <modality>_feat.npy) files, or such files (repeatable); "
                            "one row per new item, a NaN row where a modality is unobserved.")],
     ids: Annotated[Path | None, typer.Option("--ids", help="Text file with one item id per line.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Record folder [default: RUN/added_items].")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Record folder (default: RUN/added_items).")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Add items to a trained run from their features: recommendable at once, without retraining."""

@@ -22,7 +22,7 @@ StudyArg = Annotated[Path, typer.Argument(help="Study file (YAML).")]
 def study_run(
     study_file: StudyArg,
     workers: Annotated[int, typer.Option("--workers", help="Worker processes on this machine.")] = 1,
-    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto [default: the study's].")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto (default: the study's).")] = None,
     max_runs: Annotated[int | None, typer.Option("--max-runs", help="Stop after training this many runs.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: list what is missing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress view.")] = False,
@@ -52,7 +52,7 @@ def study_run(
 @study_app.command("report")
 def study_report(
     study_file: StudyArg,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder [default: the study's report].")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder (default: the study's report).")] = None,
 ) -> None:
     """Regenerate every table (Markdown, CSV, LaTeX) and figure (PNG) of the study from its store alone."""
     from dgmrec.experiments.report import build_report
