@@ -67,6 +67,7 @@ CASES = [
                               "-1"], ["'--threads'", "0"]),
     ("unknown-precision", ["train", "--model", "MFBPR", "--data", "{folder}", "--out", "{tmp}/r", "--precision",
                            "fp8"], ["--precision", "'fp8'", "bf16"]),
+    ("out-of-range-port", ["serve", "--run", "{run}", "--port", "99999"], ["dgmrec serve", "'--port'"]),
 ]
 
 
@@ -85,4 +86,18 @@ def test_usage_error_is_one_line_and_exit_2(args, needles, request, tmp_path):
     assert lines[0].startswith("error: "), lines[0]
     for needle in needles:  # typer releases differ in the case of argument names
         assert needle.lower() in lines[0].lower(), lines[0]
+    assert done.stdout == ""
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_exit_2(run_dir):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = cli("serve", "--run", str(run_dir), "--port", str(port))
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert lines == [lines[0]] and lines[0].startswith("error: --port: cannot listen on"), done.stderr
     assert done.stdout == ""
