@@ -91,6 +91,18 @@ def test_run_keys_change_with_a_config_value_and_only_then(tmp_path, data_dir):
     assert {k: v for k, v in dgm_only.items() if k in base} == base
 
 
+def test_synthetic_with_a_seed_is_written_as_on_the_command_line(tmp_path, data_dir):
+    def entry(name: str, **spec):
+        return st.load_study(_study_file(tmp_path / name, data_dir, datasets={"s": spec}, analyses=[])).datasets["s"]
+
+    written = entry("a", data="synthetic(seed=3)")
+    assert (written.data, written.seed) == (entry("b", data="synthetic", seed=3).data, 3)
+    with pytest.raises(ConfigError, match="contradicts"):
+        entry("c", data="synthetic(seed=3)", seed=4)
+    with pytest.raises(ConfigError, match=r"datasets\.s\.data: expected a folder, synthetic or synthetic\(seed=N\)"):
+        entry("d", data="synthetic(sed=3)")
+
+
 def test_run_key_follows_the_dataset_content(tmp_path, data_dir, small3):
     other = write_mmrec(small3.select_modalities(["image", "text"]), tmp_path / "two")
     a = st.load_study(_study_file(tmp_path / "a", data_dir))

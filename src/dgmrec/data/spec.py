@@ -36,6 +36,18 @@ SYNTHETIC = "synthetic"
 _SYNTHETIC_FORM = re.compile(r"synthetic(?:\(\s*seed\s*=\s*(\d+)\s*\))?")
 
 
+def synthetic_form(data: str) -> tuple[bool, int | None]:
+    """Whether ``data`` names the embedded synthetic dataset, and the seed it writes (``synthetic(seed=N)``).
+
+    ``("synthetic", None)`` for a folder; a malformed ``synthetic(...)`` is a :class:`DataError`."""
+    if data != SYNTHETIC and not data.startswith(SYNTHETIC + "("):
+        return False, None
+    form = _SYNTHETIC_FORM.fullmatch(data)
+    if form is None:
+        raise DataError(f"expected synthetic or synthetic(seed=N) with an integer N >= 0, got {data!r}", source="data")
+    return True, None if form.group(1) is None else int(form.group(1))
+
+
 def _text(value: Any, name: str) -> str:
     if value is None:
         return ""
@@ -89,15 +101,12 @@ class DatasetSpec:
         seed = self.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise DataError(f"must be an integer >= 0, got {seed!r}", source="seed")
-        if data == SYNTHETIC or data.startswith(SYNTHETIC + "("):
-            form = _SYNTHETIC_FORM.fullmatch(data)
-            if form is None:
-                raise DataError(f"expected synthetic or synthetic(seed=N) with an integer N >= 0, got {data!r}",
-                                source="data")
-            if form.group(1) is not None:
-                if seed is not None and seed != int(form.group(1)):
+        synthetic, written = synthetic_form(data)
+        if synthetic:
+            if written is not None:
+                if seed is not None and seed != written:
                     raise DataError(f"seed {seed} contradicts data {data!r}", source="seed")
-                seed = int(form.group(1))
+                seed = written
             data, seed = SYNTHETIC, 0 if seed is None else seed
         elif seed is not None:
             raise DataError("only the synthetic dataset takes a seed", source="seed")

@@ -241,6 +241,17 @@ def _dataset_entry(label: str, raw: Any, base: Path, where: str) -> DatasetEntry
     seed = d.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise _fail(f"key 'seed' must be an integer, got {seed!r}", where)
+    from dgmrec.data.spec import synthetic_form
+
+    try:  # ``synthetic(seed=N)`` as on the command line
+        _, written = synthetic_form(data)
+    except DataError:
+        raise _fail(f"expected a folder, synthetic or synthetic(seed=N) with an integer N >= 0, got {data!r}",
+                    f"{where}.data") from None
+    if written is not None:
+        if "seed" in d and seed != written:
+            raise _fail(f"key 'seed' ({seed}) contradicts data {data!r}", where)
+        data, seed = SYNTHETIC, written
     settings = d.get("setting", "missing")
     settings_list = [settings] if isinstance(settings, str) else settings
     if not isinstance(settings_list, list) or not settings_list or any(s not in SETTINGS for s in settings_list):
