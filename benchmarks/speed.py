@@ -10,8 +10,9 @@ Cases (each measured in its own child process so that peak RSS is per case):
 Usage::
 
     python benchmarks/speed.py [--shared ../shared] [--models DGMRec,LightGCN] [--cases tiktok,baby]
-                               [--epochs 3] [--threads 2] [--precision fp32,bf16]
+                               [--epochs 3] [--threads 2] [--precision fp32,bf16] [--device cpu|cuda]
 
+On ``--device cuda`` the table also gives the peak CUDA memory; precisions there are fp32, bf16 and fp16.
 Children run with ``OMP_NUM_THREADS=--threads`` and the passive OpenMP wait policy (``OMP_WAIT_POLICY=PASSIVE``,
 unless the environment sets another; the table title says which). Prints a table and writes
 ``benchmarks/results/speed.{json,csv}``.
@@ -48,7 +49,8 @@ def baby_placeholder(shared: Path, root: Path) -> Path:
     return folder
 
 
-def run_case(model: str, case: str, shared: Path, epochs: int, work: Path, precision: str) -> dict[str, object]:
+def run_case(model: str, case: str, shared: Path, epochs: int, work: Path, precision: str,
+             device: str = "cpu") -> dict[str, object]:
     """Runs inside the child process."""
     import torch
 
@@ -75,7 +77,7 @@ def run_case(model: str, case: str, shared: Path, epochs: int, work: Path, preci
     t0 = time.perf_counter()
     run = work / f"{model}_{case}_{precision}"
     res = train(model, ds, out=run, overrides={"epochs": epochs, "eval_step": 1, "stopping_step": 1000,
-                                               "precision": precision}, progress=False)
+                                               "precision": precision}, progress=False, device=device)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     train_s = [e["train_seconds"] for e in log]
     eval_s = [e["eval_seconds"] for e in log if "eval_seconds" in e]
@@ -89,6 +91,8 @@ def run_case(model: str, case: str, shared: Path, epochs: int, work: Path, preci
         "cpu_s_per_epoch": round(sum(steady_cpu) / len(steady_cpu), 3),
         "s_per_eval_pass": round(sorted(eval_s)[len(eval_s) // 2], 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "device": device,
+        "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None,
         "wall_s": round(time.perf_counter() - t0, 1),
         "test_recall@20": res["test"].get("recall@20"),
     }
@@ -101,16 +105,23 @@ def main() -> None:
     p.add_argument("--cases", default="tiktok,baby")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16 (and fp16 on CUDA)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--child", nargs=3, metavar=("MODEL", "CASE", "PRECISION"), help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     shared = Path(args.shared)
     if args.child:
-        print(json.dumps(run_case(args.child[0], args.child[1], shared, args.epochs, Path(args.work), args.child[2])))
+        print(json.dumps(run_case(args.child[0], args.child[1], shared, args.epochs, Path(args.work), args.child[2],
+                                  args.device)))
         return
     if not (shared / "data").is_dir():
         sys.exit(f"error: {shared}/data not found; pass --shared")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("error: --device cuda: CUDA is not available on this machine")
     rows = []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -119,7 +130,8 @@ def main() -> None:
             for model in args.models.split(","):
                 for precision in args.precision.split(","):
                     out = subprocess.run([sys.executable, __file__, "--child", model, case, precision, "--shared",
-                                          str(shared), "--epochs", str(args.epochs), "--work", work],
+                                          str(shared), "--epochs", str(args.epochs), "--work", work,
+                                          "--device", args.device],
                                          capture_output=True, text=True, env=env, check=False)
                     if out.returncode != 0:
                         print(out.stderr[-2000:], file=sys.stderr)
@@ -129,10 +141,10 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"dgmrec speed ({args.threads} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, "
-                        f"{args.epochs} epochs; first epoch excluded)")
+    table = Table(title=f"dgmrec speed ({args.device}, {args.threads} threads, "
+                        f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, {args.epochs} epochs; first epoch excluded)")
     cols = ["model", "case", "precision", "s_per_epoch", "cpu_s_per_epoch", "s_per_epoch_first", "s_per_eval_pass",
-            "peak_rss_mb", "wall_s"]
+            "peak_rss_mb", *(["peak_cuda_mb"] if args.device == "cuda" else []), "wall_s"]
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:
