@@ -359,22 +359,6 @@ def config_show(
         console.print(f"note: {note}")
 
 
-def _check_listen(host: str, port: int) -> None:
-    """Fail with one line, before the run is loaded, when ``host:port`` cannot be listened on."""
-    import socket
-
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as exc:
-        raise InputError(f"cannot resolve {host!r} ({exc.strerror})", source="--host") from None
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise InputError(f"cannot listen on {host}:{port} ({exc.strerror})", source="--port") from None
-
-
 @app.command()
 def serve(
     run: Annotated[Path, typer.Option("--run", help="Run directory written by `dgmrec train`.")],
@@ -414,7 +398,6 @@ def serve(
                          source="serve") from None
     if max_body_mb <= 0:
         raise InputError("must be positive", source="--max-body-mb")
-    _check_listen(host, port)
     run_server(run, host=host, port=port, ann_above=ann_above, max_body_bytes=int(max_body_mb * 1024 * 1024),
                device=device)
 

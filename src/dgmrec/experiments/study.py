@@ -244,7 +244,7 @@ def _dataset_entry(label: str, raw: Any, base: Path, where: str) -> DatasetEntry
     from dgmrec.data.spec import synthetic_form
 
     try:  # ``synthetic(seed=N)`` as on the command line
-        _, written = synthetic_form(data)
+        synthetic, written = synthetic_form(data)
     except DataError:
         raise _fail(f"expected a folder, synthetic or synthetic(seed=N) with an integer N >= 0, got {data!r}",
                     f"{where}.data") from None
@@ -262,7 +262,6 @@ def _dataset_entry(label: str, raw: Any, base: Path, where: str) -> DatasetEntry
         letters = ",".join(f"{k}={v}" for k, v in letters.items())
     if not isinstance(letters, str):
         raise _fail(f"key 'mask_letters' must be like 't=text,v=image', got {letters!r}", where)
-    synthetic = data == SYNTHETIC
     mask = _resolve_path(d.get("mask"), base, f"{where}.mask")
     if synthetic and mask:
         raise _fail("the synthetic dataset carries its own mask; drop 'mask'", where)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -304,6 +305,21 @@ def create_app(state: ServingState, *, max_body_bytes: int = DEFAULT_MAX_BODY, m
     return app
 
 
+def _check_listen(host: str, port: int) -> None:
+    """An :class:`InputError` naming ``--host`` or ``--port``, before the run is loaded, when ``host:port``
+    cannot be listened on (uvicorn would fail only after loading, with a traceback)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise InputError(f"cannot resolve {host!r} ({exc.strerror})", source="--host") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise InputError(f"cannot listen on {host}:{port} ({exc.strerror})", source="--port") from None
+
+
 def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, ann_above: int | None = None,
           max_body_bytes: int = DEFAULT_MAX_BODY, device: str | None = "cpu") -> None:
     """Load ``run_dir`` and serve it with uvicorn until interrupted."""
@@ -311,6 +327,7 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, ann
 
     from dgmrec.serving.state import DEFAULT_ANN_ABOVE
 
+    _check_listen(host, port)
     state = ServingState(run_dir, device=device, ann_above=DEFAULT_ANN_ABOVE if ann_above is None else ann_above)
     app = create_app(state, max_body_bytes=max_body_bytes)
     h = state.health()
